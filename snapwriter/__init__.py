@@ -1,0 +1,62 @@
+"""snapwriter: background PyTorch snapshot writers that never stall or tear a snapshot.
+
+A drop-in replacement for pytorch-pfn-extras' ``writing`` module, built on an asyncio
+core: calls stage the target and return; saves are atomic and durable; failures raise.
+"""
+
+from ._base import Writer as Writer
+from ._base import WriterStats as WriterStats
+from ._discovery import SnapshotEntry as SnapshotEntry
+from ._discovery import find_latest_snapshot as find_latest_snapshot
+from ._discovery import list_snapshots as list_snapshots
+from ._exceptions import ChildProcessFailure as ChildProcessFailure
+from ._exceptions import InvalidSnapshotArgument as InvalidSnapshotArgument
+from ._exceptions import SnapshotError as SnapshotError
+from ._exceptions import SnapshotLostError as SnapshotLostError
+from ._exceptions import SnapshotWriteError as SnapshotWriteError
+from ._exceptions import StagingError as StagingError
+from ._exceptions import WriterClosedError as WriterClosedError
+from ._handle import SnapshotHandle as SnapshotHandle
+from ._handle import SnapshotResult as SnapshotResult
+from ._paths import is_temp_name as is_temp_name
+from ._portal import EXIT_TIMEOUT_ENV as EXIT_TIMEOUT_ENV
+from ._queue import ProcessQueueWriter as ProcessQueueWriter
+from ._queue import QueueWriter as QueueWriter
+from ._queue import ThreadQueueWriter as ThreadQueueWriter
+from ._simple import SimpleWriter as SimpleWriter
+from ._standard import ProcessWriter as ProcessWriter
+from ._standard import StandardWriter as StandardWriter
+from ._standard import ThreadWriter as ThreadWriter
+from ._storage import FileStat as FileStat
+from ._storage import LocalFileSystem as LocalFileSystem
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "EXIT_TIMEOUT_ENV",
+    "ChildProcessFailure",
+    "FileStat",
+    "InvalidSnapshotArgument",
+    "LocalFileSystem",
+    "ProcessQueueWriter",
+    "ProcessWriter",
+    "QueueWriter",
+    "SimpleWriter",
+    "SnapshotEntry",
+    "SnapshotError",
+    "SnapshotHandle",
+    "SnapshotLostError",
+    "SnapshotResult",
+    "SnapshotWriteError",
+    "StagingError",
+    "StandardWriter",
+    "ThreadQueueWriter",
+    "ThreadWriter",
+    "Writer",
+    "WriterClosedError",
+    "WriterStats",
+    "__version__",
+    "find_latest_snapshot",
+    "is_temp_name",
+    "list_snapshots",
+)

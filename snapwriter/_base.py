@@ -1,0 +1,518 @@
+"""The writer base: state, lifecycle, error bookkeeping and the save coroutine.
+
+Everything that does no I/O of its own lives here and is shared by every writer. The
+save itself always runs as a coroutine (:meth:`Writer._run_job`) on the writer's portal
+loop; the sync methods (:meth:`Writer.save`, :meth:`Writer.finalize`) are bridges that
+wait on it, and the async ones (:meth:`Writer.aclose`, awaiting a handle) await it
+without blocking the caller's loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+
+from ._exceptions import (
+    InvalidSnapshotArgument,
+    SnapshotLostError,
+    SnapshotWriteError,
+    WriterClosedError,
+)
+from ._handle import SnapshotHandle, SnapshotResult, await_any
+from ._paths import Destination, resolve_destination
+from ._portal import Portal, register_for_exit
+from ._save import SaveRequest, WriteOutcome, execute_save
+from ._staging import StagedTarget, Stager
+from ._storage import LocalFileSystem, Storage
+
+__all__ = ("Writer", "WriterStats")
+
+logger = logging.getLogger("snapwriter")
+
+SaveFun = Callable[..., Any]
+HookFun = Callable[[], None]
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    FORKED = "forked"
+
+
+@dataclass
+class WriterStats:
+    """Counters of one writer, updated as saves finish (read with ``writer.stats()``).
+
+    Attributes:
+        committed: snapshots committed.
+        failed: saves that failed.
+        bytes_written: total bytes of committed snapshots.
+        stage_seconds: total time callers spent staging.
+        write_seconds: total time spent writing and fsyncing temporary files.
+        last: figures of the last committed snapshot.
+    """
+
+    committed: int = 0
+    failed: int = 0
+    bytes_written: int = 0
+    stage_seconds: float = 0.0
+    write_seconds: float = 0.0
+    last: SnapshotResult | None = None
+
+
+@dataclass
+class _Job:
+    request: SaveRequest
+    filename: str
+    staged: StagedTarget | None
+    stage_seconds: float
+    called_at: float = field(default_factory=time.perf_counter)
+
+
+class Writer:
+    """Base class of snapshot writers (pytorch-pfn-extras' ``Writer`` interface).
+
+    Subclasses implement ``__call__``; this base provides the blocking :meth:`save`, the
+    lifecycle (:meth:`finalize`, :meth:`aclose`, ``with`` / ``async with``), clean-up
+    hooks and error reporting.
+
+    Args:
+        fs: the file system: ``None`` for the local one (:class:`LocalFileSystem`), or
+            any object with ppe's file-system interface (PFIO-compatible).
+        out_dir: the output directory. When non-empty it takes precedence over the
+            ``out_dir`` given to each call; when empty, the call's is used.
+        durable: ``fsync`` each file and its directory before reporting success. Turn
+            off only when losing recent snapshots on power loss is acceptable.
+
+    Attributes:
+        fs: the file system object (ppe's ``autoload`` and ``n_retains`` use it).
+        out_dir: the directory given to the constructor.
+    """
+
+    def __init__(self, fs: Any = None, out_dir: str = "", *, durable: bool = True) -> None:
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise InvalidSnapshotArgument(
+                f"out_dir must be a str or os.PathLike, not {type(out_dir).__name__}"
+            )
+        if not isinstance(durable, bool):
+            raise InvalidSnapshotArgument(f"durable must be a bool, not {durable!r}")
+        self.fs: Any = fs if fs is not None else LocalFileSystem()
+        self.out_dir: str = os.fspath(out_dir)
+        self.durable = durable
+        self._post_save_hooks: list[HookFun] = []
+        self._lock = threading.RLock()
+        self._state = _State.OPEN
+        self._portal = Portal()
+        self._pending: dict[Future[SnapshotResult], str] = {}
+        self._unreported: list[BaseException] = []
+        self._initialized_dirs: set[str] = set()
+        self._path_locks: dict[str, tuple[anyio.Lock, int]] = {}
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._stats = WriterStats()
+        self._stager = Stager()
+        register_for_exit(self)
+
+    # -- ppe interface ---------------------------------------------------------------
+
+    def __call__(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+    ) -> Any:
+        """Save ``target``; implemented by subclasses."""
+        raise NotImplementedError
+
+    def initialize(self, out_dir: str) -> None:
+        """Create ``out_dir`` and remove temporary leftovers of crashed saves in it.
+
+        Called by ppe's ``ExtensionsManager``; snapwriter also calls it before the first
+        save into a directory. Blocking. Temporary files of saves still running in live
+        processes are left alone.
+        """
+        directory = self._effective_out_dir(out_dir) or "."
+        self.fs.makedirs(directory, exist_ok=True)
+        Storage(self.fs).clean_temps(directory)
+        with self._lock:
+            self._initialized_dirs.add(directory)
+
+    def save(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        savefun: SaveFun,
+        append: bool,
+        **savefun_kwargs: Any,
+    ) -> None:
+        """Save ``target`` now and block until it is durable; then run clean-up hooks.
+
+        This is ppe's blocking primitive (workers returned by ``create_worker`` call
+        it). The target is not staged: do not mutate it until this returns. Safe to
+        call from any thread except the writer's loop thread.
+
+        Raises:
+            InvalidSnapshotArgument: bad filename.
+            SnapshotWriteError: the save failed (the original exception chained).
+        """
+        request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
+        if self._portal.in_loop_thread():
+            raise RuntimeError("Writer.save() cannot be called from the writer's own loop thread")
+        self._portal.call(self._save_now, request)
+
+    def _add_cleanup_hook(self, hook_fun: HookFun) -> None:
+        """Run ``hook_fun()`` after each committed save (ppe's ``n_retains`` uses this)."""
+        self._post_save_hooks.append(hook_fun)
+
+    def _post_save(self) -> None:
+        for hook in list(self._post_save_hooks):
+            hook()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def finalize(self, timeout: float | None = None) -> None:
+        """Wait for every pending save, stop the background loop and report failures.
+
+        Idempotent: later calls return at once. Blocking; from a coroutine use
+        :meth:`aclose` instead.
+
+        Args:
+            timeout: seconds to wait for pending saves; ``None`` waits as long as they
+                take (a running ``savefun`` cannot be interrupted).
+
+        Raises:
+            SnapshotWriteError: a save failed and no handle reported it yet (the first
+                such failure; the others are named in the message and logged).
+            SnapshotLostError: saves were still pending after ``timeout``.
+        """
+        with self._lock:
+            if self._state in (_State.CLOSED, _State.FORKED):
+                return
+            self._state = _State.CLOSING
+            pending = list(self._pending)
+        if self._portal.in_loop_thread():
+            raise RuntimeError("finalize() cannot be called from the writer's own loop thread")
+        _done, not_done = wait_futures(pending, timeout=timeout)
+        if not_done:
+            paths = [self._pending.get(f, "?") for f in not_done]
+            raise SnapshotLostError(
+                f"{len(paths)} snapshot(s) still pending after {timeout}s: {', '.join(paths)}",
+                paths,
+            )
+        self._stop_background()
+        self._portal.stop()
+        with self._lock:
+            self._state = _State.CLOSED
+        self._raise_unreported()
+
+    async def aclose(self) -> None:
+        """Await every pending save without blocking the loop, then close the writer.
+
+        The async twin of :meth:`finalize` (works from asyncio and trio). Idempotent.
+
+        Raises:
+            SnapshotWriteError: as :meth:`finalize`.
+        """
+        with self._lock:
+            if self._state in (_State.CLOSED, _State.FORKED):
+                return
+            self._state = _State.CLOSING
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                break
+            await await_any(pending)
+        await anyio.to_thread.run_sync(self._stop_background)
+        await anyio.to_thread.run_sync(self._portal.stop)
+        with self._lock:
+            self._state = _State.CLOSED
+        self._raise_unreported()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`finalize` or :meth:`aclose` has been called."""
+        return self._state is not _State.OPEN
+
+    def pending(self) -> int:
+        """Number of saves scheduled and not finished yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def stats(self) -> WriterStats:
+        """A copy of this writer's counters."""
+        with self._lock:
+            return WriterStats(**vars(self._stats))
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finalize()
+
+    async def __aenter__(self) -> Writer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is None or state in (_State.CLOSED, _State.FORKED):
+            return
+        if self._portal.in_loop_thread():
+            # The last reference died on the loop thread; stop the loop from elsewhere.
+            threading.Thread(target=self._portal.stop, daemon=True).start()
+            return
+        try:
+            self.finalize()
+        except Exception:  # already logged when the save failed
+            logger.debug("writer collected with unreported failures", exc_info=True)
+
+    def _close_at_exit(self, timeout: float) -> list[str]:
+        """Interpreter exit: wait up to ``timeout`` and return the paths not committed."""
+        with self._lock:
+            if self._state in (_State.CLOSED, _State.FORKED):
+                return []
+            pending = dict(self._pending)
+        _done, not_done = wait_futures(list(pending), timeout=timeout)
+        if not_done:
+            return [pending[f] for f in not_done]
+        self._stop_background()
+        self._portal.stop()
+        with self._lock:
+            self._state = _State.CLOSED
+            for exc in self._unreported:
+                logger.error("snapwriter: unreported failure at exit: %s", exc)
+            self._unreported.clear()
+        return []
+
+    def _stop_background(self) -> None:
+        """Release background resources other than the loop (consumer processes)."""
+
+    def _forget_after_fork(self) -> None:
+        self._lock = threading.RLock()
+        self._state = _State.FORKED
+        self._pending.clear()
+        self._portal.forget()
+
+    # -- helpers for subclasses ------------------------------------------------------
+
+    def _check_open(self) -> None:
+        state = self._state
+        if state is _State.FORKED:
+            raise WriterClosedError(
+                "this writer was inherited through fork(); its background loop does not "
+                "exist in the child process: create a new writer in the child"
+            )
+        if state is not _State.OPEN:
+            raise WriterClosedError(f"the writer is {state.value}: create a new writer")
+
+    def _effective_out_dir(self, out_dir: Any) -> str:
+        if self.out_dir:
+            return self.out_dir
+        if out_dir is None:
+            return ""
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise InvalidSnapshotArgument(
+                f"out_dir must be a str or os.PathLike, not {type(out_dir).__name__}"
+            )
+        return os.fspath(out_dir)
+
+    def _destination(self, filename: Any, out_dir: Any) -> Destination:
+        return resolve_destination(
+            self._effective_out_dir(out_dir),
+            filename,
+            local=isinstance(self.fs, LocalFileSystem),
+        )
+
+    def _request(
+        self,
+        filename: Any,
+        out_dir: Any,
+        target: Any,
+        savefun: SaveFun | None,
+        append: Any,
+        kwds: dict[str, Any],
+    ) -> SaveRequest:
+        dest = self._destination(filename, out_dir)
+        fun = savefun if savefun is not None else self._default_savefun()
+        if not callable(fun):
+            raise InvalidSnapshotArgument(f"savefun must be callable, not {fun!r}")
+        if not isinstance(append, bool):
+            raise InvalidSnapshotArgument(f"append must be a bool, not {append!r}")
+        return SaveRequest(
+            dest=dest,
+            target=target,
+            savefun=fun,
+            kwds=dict(kwds),
+            append=append,
+            fs=self.fs,
+            durable=self.durable,
+        )
+
+    def _default_savefun(self) -> SaveFun:
+        return getattr(self, "_savefun", torch.save)
+
+    def _observed(self, exc: BaseException) -> None:
+        """A handle delivered ``exc`` to the user: do not raise it again."""
+        with self._lock:
+            self._unreported = [e for e in self._unreported if e is not exc]
+
+    def _raise_unreported(self) -> None:
+        with self._lock:
+            errors, self._unreported = self._unreported, []
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                others = ", ".join(getattr(e, "path", "?") for e in errors[1:])
+                first.add_note(f"{len(errors) - 1} more save(s) failed as well: {others}")
+            raise first
+
+    def _submit(self, job: _Job, on_done: Callable[[], None] | None = None) -> SnapshotHandle:
+        """Schedule ``job`` on the loop; return its handle."""
+        future = self._portal.start_task_soon(self._run_job, job)
+        path = job.request.dest.path
+        with self._lock:
+            self._pending[future] = path
+
+        def finished(f: Future[SnapshotResult]) -> None:
+            with self._lock:
+                self._pending.pop(f, None)
+            if job.staged is not None:
+                self._stager.release(job.staged)
+            if on_done is not None:
+                on_done()
+
+        future.add_done_callback(finished)
+        return SnapshotHandle(future, path, job.stage_seconds, self._observed)
+
+    # -- coroutines (run on the portal loop) -----------------------------------------
+
+    def _concurrency(self) -> int:
+        """How many saves may write at once (queue writers: 1, in call order)."""
+        return 1
+
+    async def _save_now(self, request: SaveRequest) -> WriteOutcome:
+        """``save()``: write, commit, run hooks; errors wrapped like background ones."""
+        try:
+            await self._ensure_initialized(request.dest)
+            outcome = await execute_save(request)
+            await anyio.to_thread.run_sync(self._post_save)
+        except Exception as exc:
+            error = self._wrap_failure(request.dest.path, exc, record=False)
+            raise error from error.__cause__
+        return outcome
+
+    async def _run_job(self, job: _Job) -> SnapshotResult:
+        dest = job.request.dest
+        lock = self._path_lock_acquire(dest.path)
+        try:
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(self._concurrency())
+            async with lock, self._limiter:
+                await self._ensure_initialized(dest)
+                if job.staged is not None and job.staged._events:
+                    await anyio.to_thread.run_sync(job.staged.wait)
+                outcome = await self._write_job(job)
+        except Exception as exc:
+            error = self._wrap_failure(dest.path, exc, record=True)
+            raise error from error.__cause__
+        finally:
+            self._path_lock_release(dest.path)
+        result = SnapshotResult(
+            path=dest.path,
+            nbytes=outcome.nbytes,
+            stage_seconds=job.stage_seconds,
+            write_seconds=outcome.write_seconds,
+            commit_seconds=outcome.commit_seconds,
+            total_seconds=time.perf_counter() - job.called_at,
+        )
+        self._record_success(result)
+        return result
+
+    async def _write_job(self, job: _Job) -> WriteOutcome:
+        """Write and commit one job, then run the clean-up hooks. Overridable."""
+        outcome = await execute_save(job.request)
+        await anyio.to_thread.run_sync(self._post_save)
+        return outcome
+
+    async def _ensure_initialized(self, dest: Destination) -> None:
+        directory = dest.out_dir
+        if directory not in self._initialized_dirs:
+            await anyio.to_thread.run_sync(self.initialize, directory)
+
+    def _path_lock_acquire(self, path: str) -> anyio.Lock:
+        lock, users = self._path_locks.get(path, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._path_locks[path] = (lock, users + 1)
+        return lock
+
+    def _path_lock_release(self, path: str) -> None:
+        lock, users = self._path_locks[path]
+        if users <= 1:
+            del self._path_locks[path]
+        else:
+            self._path_locks[path] = (lock, users - 1)
+
+    def _wrap_failure(self, path: str, exc: BaseException, *, record: bool) -> SnapshotWriteError:
+        """Log ``exc`` and return the error to raise, its ``__cause__`` the original."""
+        if isinstance(exc, SnapshotWriteError):
+            error = exc  # already names the file and chains the original cause
+        else:
+            error = SnapshotWriteError(
+                f"failed to save snapshot {path!r}: {type(exc).__name__}: {exc}", path
+            )
+            error.__cause__ = exc
+        logger.error("snapwriter: %s", error, exc_info=(type(exc), exc, exc.__traceback__))
+        with self._lock:
+            self._stats.failed += 1
+            if record:
+                self._unreported.append(error)
+        return error
+
+    def _record_success(self, result: SnapshotResult) -> None:
+        with self._lock:
+            s = self._stats
+            s.committed += 1
+            s.bytes_written += result.nbytes
+            s.stage_seconds += result.stage_seconds
+            s.write_seconds += result.write_seconds
+            s.last = result
+        logger.info(
+            "snapwriter: committed %s: %d bytes, stall %.3fs, write %.3fs, commit %.3fs, %.1f MB/s",
+            result.path,
+            result.nbytes,
+            result.stage_seconds,
+            result.write_seconds,
+            result.commit_seconds,
+            result.mb_per_second,
+        )

@@ -1,0 +1,137 @@
+"""Filename validation and temporary-file naming.
+
+Nothing outside ``out_dir`` is ever written: every filename is checked here, at call
+time, before any byte goes to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import secrets
+from dataclasses import dataclass
+
+from ._exceptions import InvalidSnapshotArgument
+
+__all__ = (
+    "TEMP_MARKER",
+    "Destination",
+    "is_temp_name",
+    "resolve_destination",
+    "temp_name_for",
+    "temp_owner_alive",
+)
+
+#: Every temporary file snapshot writers create contains this marker. The full pattern is
+#: ``.<final name>.snapwriter-tmp-<pid>-<hex token>``: a hidden file that neither starts
+#: nor ends like the final name, so prefix/suffix matchers (ppe's ``n_retains`` and
+#: ``autoload``) never mistake it for a snapshot. The pid of the writing process lets a
+#: clean-up leave alone the temporary files of saves still running in live processes.
+TEMP_MARKER = ".snapwriter-tmp-"
+_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]{16}$")
+
+
+def temp_name_for(basename: str) -> str:
+    """Return a fresh temporary name, in the same directory, for ``basename``."""
+    return f".{basename}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` (a path or base name) is a temporary file of a snapshot writer."""
+    return _TEMP_RE.match(posixpath.basename(name)) is not None
+
+
+def temp_owner_alive(name: str) -> bool:
+    """Whether the process that created temporary file ``name`` still runs (this host)."""
+    match = _TEMP_RE.match(posixpath.basename(name))
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where one snapshot goes.
+
+    Attributes:
+        out_dir: the directory the writer owns, as given (``"."`` when empty).
+        relpath: the validated, normalised filename relative to ``out_dir``.
+        path: ``out_dir`` joined with ``relpath``: the final name of the file.
+    """
+
+    out_dir: str
+    relpath: str
+    path: str
+
+    @property
+    def directory(self) -> str:
+        """The directory that holds the final file (and its temporary sibling)."""
+        return os.path.dirname(self.path) or "."
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _as_str(value: object, what: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        raise InvalidSnapshotArgument(f"{what} must be a str, not bytes: {value!r}")
+    if not isinstance(value, str):
+        raise InvalidSnapshotArgument(
+            f"{what} must be a str or os.PathLike, not {type(value).__name__}"
+        )
+    if "\x00" in value:
+        raise InvalidSnapshotArgument(f"{what} contains a NUL byte: {value!r}")
+    return value
+
+
+def resolve_destination(out_dir: object, filename: object, *, local: bool = True) -> Destination:
+    """Validate ``filename`` against ``out_dir`` and return where the file goes.
+
+    Args:
+        out_dir: the output directory (``""`` means the current directory).
+        filename: a relative file name, possibly with sub-directories.
+        local: whether ``out_dir`` is on the local file system; then symlinks are
+            resolved so a symlinked sub-directory cannot lead outside ``out_dir``.
+
+    Raises:
+        InvalidSnapshotArgument: the filename is not a string, is empty, absolute,
+            contains a NUL byte, escapes ``out_dir`` (through ``..`` or a symlink),
+            ends with a separator or names an existing directory.
+    """
+    out = _as_str(out_dir, "out_dir") or "."
+    name = _as_str(filename, "filename")
+    if not name:
+        raise InvalidSnapshotArgument("filename is empty")
+    if name.endswith(("/", os.sep)):
+        raise InvalidSnapshotArgument(f"filename {name!r} names a directory")
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        raise InvalidSnapshotArgument(f"filename {name!r} is absolute; it must be relative to out_dir")
+    rel = posixpath.normpath(name.replace(os.sep, "/"))
+    if rel in (".", "..") or rel.startswith("../"):
+        raise InvalidSnapshotArgument(f"filename {name!r} escapes out_dir {out!r}")
+    path = os.path.join(out, rel)
+    dest = Destination(out_dir=out, relpath=rel, path=path)
+    if local:
+        root = os.path.realpath(out)
+        parent = os.path.realpath(dest.directory)
+        if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
+            raise InvalidSnapshotArgument(
+                f"filename {name!r} escapes out_dir {out!r} through a symbolic link "
+                f"(its directory resolves to {parent!r})"
+            )
+        if os.path.isdir(path):
+            raise InvalidSnapshotArgument(f"filename {name!r} names an existing directory: {path!r}")
+    return dest

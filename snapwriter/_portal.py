@@ -1,0 +1,173 @@
+"""The portal: one background event loop per writer, and process-wide lifecycle hooks.
+
+Each writer owns a :class:`Portal`, an anyio blocking portal (asyncio backend) running in
+a daemon thread named ``snapwriter-portal-<n>``, started lazily on the first save. Sync
+code hands it coroutines and gets :class:`concurrent.futures.Future` objects back.
+
+Two process-wide hooks keep programs healthy:
+
+* at interpreter exit, before Python joins non-daemon threads, every live writer is
+  finalized so pending saves complete. A save still unfinished after
+  ``SNAPWRITER_EXIT_TIMEOUT`` seconds (default 300) is reported as lost with an ERROR log
+  line and a message on stderr, and the process exits with status 70 instead of hanging;
+* after ``os.fork()`` the child marks inherited writers as unusable (their loop thread
+  does not exist there); the child creates writers of its own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures.thread  # noqa: F401 - see the at-exit registration below
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+__all__ = ("EXIT_TIMEOUT_ENV", "Portal", "register_for_exit")
+
+T = TypeVar("T")
+logger = logging.getLogger("snapwriter")
+
+EXIT_TIMEOUT_ENV = "SNAPWRITER_EXIT_TIMEOUT"
+DEFAULT_EXIT_TIMEOUT = 300.0
+EXIT_STATUS_LOST = 70  # EX_SOFTWARE
+
+_counter = itertools.count(1)
+
+
+class Portal:
+    """A lazily started background event loop (anyio blocking portal, asyncio backend).
+
+    Thread-safe. Not usable in a child created by ``fork()`` after it started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._thread_ident: int | None = None
+        self._pid = os.getpid()
+        self.name = f"snapwriter-portal-{next(_counter)}"
+
+    @property
+    def running(self) -> bool:
+        return self._portal is not None and self._pid == os.getpid()
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs on this portal's event-loop thread."""
+        return self._thread_ident is not None and threading.get_ident() == self._thread_ident
+
+    def _get(self) -> BlockingPortal:
+        with self._lock:
+            if self._pid != os.getpid():
+                raise RuntimeError("the portal belongs to the parent process")
+            if self._portal is None:
+                cm = start_blocking_portal("asyncio", name=self.name)
+                portal = cm.__enter__()
+                self._cm, self._portal = cm, portal
+                self._thread_ident = portal.call(threading.get_ident)
+            return self._portal
+
+    def start_task_soon(
+        self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any
+    ) -> Future[T]:
+        """Schedule ``fn(*args)`` on the loop; return its future."""
+        return self._get().start_task_soon(fn, *args)
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run ``fn(*args)`` on the loop and wait for it (never from the loop thread)."""
+        return self._get().call(fn, *args)
+
+    def stop(self) -> None:
+        """Let running tasks finish, then stop the loop and join its thread. Idempotent."""
+        with self._lock:
+            cm, self._cm, self._portal = self._cm, None, None
+        if cm is not None and self._pid == os.getpid():
+            cm.__exit__(None, None, None)
+
+    def forget(self) -> None:
+        """Drop the loop without touching it (in a forked child, where it does not run).
+
+        The portal's context manager would try to stop the loop when collected, and
+        wait forever for a thread that does not exist in the child: mark the portal as
+        not running first, so that clean-up fails fast and joins the (dead) thread.
+        """
+        self._lock = threading.Lock()
+        portal = self._portal
+        if portal is not None and hasattr(portal, "_event_loop_thread_id"):
+            portal._event_loop_thread_id = None
+        self._cm, self._portal, self._thread_ident = None, None, None
+
+
+class _ExitParticipant(Protocol):
+    def _close_at_exit(self, timeout: float) -> list[str]: ...
+
+    def _forget_after_fork(self) -> None: ...
+
+
+_live: weakref.WeakSet[_ExitParticipant] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def register_for_exit(obj: _ExitParticipant) -> None:
+    """Finalize ``obj`` at interpreter exit and disable it in forked children."""
+    with _live_lock:
+        _live.add(obj)
+
+
+def _exit_timeout() -> float:
+    raw = os.environ.get(EXIT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_EXIT_TIMEOUT
+    except ValueError:
+        return DEFAULT_EXIT_TIMEOUT
+
+
+def _at_exit() -> None:
+    with _live_lock:
+        writers = list(_live)
+    lost: list[str] = []
+    for writer in writers:
+        try:
+            lost.extend(writer._close_at_exit(_exit_timeout()))
+        except Exception:  # an error of a save is already logged; keep closing the others
+            logger.exception("snapwriter: error while finalizing a writer at exit")
+    if lost:
+        message = (
+            f"snapwriter: {len(lost)} snapshot(s) LOST at interpreter exit, still unfinished "
+            f"after {EXIT_TIMEOUT_ENV}={_exit_timeout():g}s: {', '.join(lost)}"
+        )
+        logger.error(message)
+        print(message, file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        # A save stuck in a worker thread would make Python wait forever.
+        os._exit(EXIT_STATUS_LOST)
+
+
+def _after_fork_in_child() -> None:
+    global _live_lock
+    _live_lock = threading.Lock()
+    for writer in list(_live):
+        writer._forget_after_fork()
+
+
+# threading's own at-exit hooks run before non-daemon threads are joined; the atexit
+# module runs too late (after the join), when a pending save would already hang exit.
+# They run in reverse order of registration: concurrent.futures.thread (imported above)
+# registered first, so executors still accept work while writers finalize.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+else:  # pragma: no cover - CPython always has it (3.9+)
+    import atexit
+
+    atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,83 @@
+"""One save, end to end: the *write* then the *commit* of a staged target.
+
+:func:`execute_save` is the single implementation. Writers run it on their portal loop;
+child processes (``ProcessWriter``, ``ProcessQueueWriter``) and blocking callers without a
+loop run it through :func:`execute_save_blocking`, which starts a private loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ._paths import Destination
+from ._storage import Storage
+
+__all__ = ("SaveRequest", "WriteOutcome", "execute_save", "execute_save_blocking")
+
+
+@dataclass
+class SaveRequest:
+    """Everything needed to save one snapshot; picklable when its parts are.
+
+    Attributes:
+        dest: where the file goes.
+        target: the (already staged) object handed to ``savefun``.
+        savefun: called as ``savefun(target, file_object, **kwds)``.
+        kwds: extra keyword arguments of ``savefun``.
+        append: append to the final file instead of replacing it (not atomic).
+        fs: the file system (:class:`LocalFileSystem` or a ppe/PFIO-style one).
+        durable: ``fsync`` the file and the directory.
+    """
+
+    dest: Destination
+    target: Any
+    savefun: Callable[..., Any]
+    kwds: dict[str, Any] = field(default_factory=dict)
+    append: bool = False
+    fs: Any = None
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What the write and commit phases measured."""
+
+    nbytes: int
+    write_seconds: float
+    commit_seconds: float
+
+
+async def execute_save(request: SaveRequest) -> WriteOutcome:
+    """Write ``request.target`` to a temporary file in a worker thread, then commit it.
+
+    Never blocks the event loop: ``savefun`` and ``fsync`` run in worker threads, the
+    rename and the directory ``fsync`` through :mod:`aiofiles`.
+
+    Raises:
+        Whatever ``savefun`` or the file system raised. The final file is untouched and
+        the temporary file removed (except with ``append=True``).
+    """
+    storage = Storage(request.fs, durable=request.durable)
+    start = time.perf_counter()
+    if request.append:
+        nbytes = await anyio.to_thread.run_sync(
+            storage.write_append, request.dest, request.savefun, request.target, request.kwds
+        )
+        return WriteOutcome(nbytes, time.perf_counter() - start, 0.0)
+    tmp, nbytes = await anyio.to_thread.run_sync(
+        storage.write_temp, request.dest, request.savefun, request.target, request.kwds
+    )
+    written = time.perf_counter()
+    await storage.acommit(tmp, request.dest)
+    return WriteOutcome(nbytes, written - start, time.perf_counter() - written)
+
+
+def execute_save_blocking(request: SaveRequest) -> WriteOutcome:
+    """Run :func:`execute_save` on a private event loop (callers with no loop of theirs)."""
+    return anyio.run(execute_save, request, backend="asyncio")

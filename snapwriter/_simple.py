@@ -1,0 +1,71 @@
+"""``SimpleWriter``: the blocking writer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._base import SaveFun, Writer, _Job
+from ._exceptions import InvalidSnapshotArgument
+from ._handle import SnapshotHandle
+
+__all__ = ("SimpleWriter",)
+
+
+class SimpleWriter(Writer):
+    """Saves in the caller's time: the call returns once the snapshot is durable.
+
+    The write still goes through the atomic protocol (temporary file, ``fsync``,
+    rename, directory ``fsync``) and runs on the writer's loop; the caller just waits.
+    Nothing is staged, since the caller cannot mutate the target while it waits.
+
+    Args:
+        savefun: called as ``savefun(target, file_object, **kwds)``.
+        fs, out_dir, durable: see :class:`Writer`.
+        **kwds: keyword arguments for ``savefun``.
+    """
+
+    def __init__(
+        self,
+        savefun: SaveFun = torch.save,
+        fs: Any = None,
+        out_dir: str = "",
+        *,
+        durable: bool = True,
+        **kwds: Any,
+    ) -> None:
+        super().__init__(fs=fs, out_dir=out_dir, durable=durable)
+        if not callable(savefun):
+            raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
+        self._savefun = savefun
+        self._kwds = kwds
+
+    def __call__(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+    ) -> SnapshotHandle:
+        """Save ``target`` as ``out_dir/filename`` and return once it is durable.
+
+        Returns:
+            A finished :class:`SnapshotHandle`.
+
+        Raises:
+            InvalidSnapshotArgument: bad filename or option; nothing was written.
+            SnapshotWriteError: the save failed; the previous file is intact.
+            WriterClosedError: the writer was finalized.
+        """
+        self._check_open()
+        self._raise_unreported()
+        request = self._request(filename, out_dir, target, savefun, append, self._kwds)
+        if self._portal.in_loop_thread():
+            raise RuntimeError("a writer cannot be called from its own loop thread")
+        job = _Job(request=request, filename=request.dest.relpath, staged=None, stage_seconds=0.0)
+        handle = self._submit(job)
+        handle.result()  # raises the failure; the handle reported it, finalize won't repeat it
+        return handle

@@ -1,0 +1,307 @@
+"""``StandardWriter`` and its thread and process variants.
+
+A call validates its arguments, stages the target (a consistent copy), schedules the
+save coroutine on the writer's loop and returns a :class:`SnapshotHandle` at once. The
+save runs through ppe's worker contract only when a subclass overrides
+:meth:`StandardWriter.create_worker` (``ProcessWriter`` does); otherwise the coroutine
+writes in a worker thread directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio.to_thread
+import torch
+
+from ._base import SaveFun, Writer, _Job
+from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
+from ._handle import SnapshotHandle, SnapshotResult, await_any
+from ._process import MpContext, ProcessWorker
+from ._save import SaveRequest, WriteOutcome
+
+__all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
+
+
+def _check_max_pending(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidSnapshotArgument(f"max_pending must be an int >= 1, not {value!r}")
+    return value
+
+
+class _ThreadWorker(threading.Thread):
+    """What :meth:`StandardWriter.create_worker` returns: a thread running ``save()``.
+
+    Unlike a bare :class:`threading.Thread` it records the exception and an ``exitcode``
+    (0 on success, 1 on failure) so the failure is not lost.
+    """
+
+    def __init__(self, writer: Writer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__(name="snapwriter-worker", daemon=True)
+        self._writer = writer
+        self._args = args
+        self._kwargs = kwargs
+        self.exitcode: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._writer.save(*self._args, **self._kwargs)
+        except BaseException as exc:
+            self.error = exc
+            self.exitcode = 1
+        else:
+            self.exitcode = 0
+
+
+class StandardWriter(Writer):
+    """Writes snapshots in the background; the call returns once the target is staged.
+
+    Used directly it writes through a thread executor. A drop-in for ppe's
+    ``StandardWriter`` family: subclasses may override :meth:`create_worker` exactly as
+    in ppe.
+
+    Args:
+        savefun: called as ``savefun(target, file_object, **kwds)``; :func:`torch.save`
+            by default.
+        fs: file system (see :class:`Writer`).
+        out_dir: output directory; non-empty takes precedence over each call's.
+        durable: ``fsync`` file and directory before a save counts as done.
+        stage: copy the target at call time (default) so later mutation cannot reach
+            the file. ``False`` hands the target itself to the background save: the
+            caller promises not to mutate it until the handle is done.
+        max_pending: saves in flight at most. A further sync call blocks until one
+            finishes (ppe behaviour); staging memory is bounded by ``max_pending``
+            copies of the target.
+        **kwds: keyword arguments for ``savefun``.
+
+    Threading: calls may come from any thread except the writer's own loop thread;
+    from a coroutine, a call blocks the loop only while staging.
+    """
+
+    _default_max_pending = 1
+
+    def __init__(
+        self,
+        savefun: SaveFun = torch.save,
+        fs: Any = None,
+        out_dir: str = "",
+        *,
+        durable: bool = True,
+        stage: bool = True,
+        max_pending: int | None = None,
+        **kwds: Any,
+    ) -> None:
+        super().__init__(fs=fs, out_dir=out_dir, durable=durable)
+        if not callable(savefun):
+            raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
+        if not isinstance(stage, bool):
+            raise InvalidSnapshotArgument(f"stage must be a bool, not {stage!r}")
+        self._savefun = savefun
+        self._kwds = kwds
+        self._stage = stage
+        self.max_pending = _check_max_pending(
+            self._default_max_pending if max_pending is None else max_pending
+        )
+        self._room = threading.Semaphore(self.max_pending)
+
+    def __call__(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+        stage: bool | None = None,
+    ) -> SnapshotHandle:
+        """Stage ``target`` and save it in the background as ``out_dir/filename``.
+
+        Args:
+            filename: file name relative to the output directory.
+            out_dir: output directory, used when the constructor's is empty.
+            target: the object to save (a ``state_dict``, any nesting of containers).
+            savefun: overrides the writer's ``savefun`` for this call.
+            append: append to the file instead of replacing it (ppe semantics; not
+                atomic).
+            stage: overrides the writer's ``stage`` for this call.
+
+        Returns:
+            A :class:`SnapshotHandle`; ``await`` it or call ``result()`` to wait until
+            the file is durable.
+
+        Raises:
+            InvalidSnapshotArgument: bad filename or option; nothing was written.
+            StagingError: the target cannot be copied or serialized; nothing written.
+            SnapshotWriteError: an earlier save failed and was not reported yet.
+            WriterClosedError: the writer was finalized.
+        """
+        self._check_open()
+        self._raise_unreported()
+        request = self._request(filename, out_dir, target, savefun, append, self._kwds)
+        do_stage = self._stage if stage is None else stage
+        if not isinstance(do_stage, bool):
+            raise InvalidSnapshotArgument(f"stage must be a bool, not {stage!r}")
+        if self._portal.in_loop_thread():
+            raise RuntimeError("a writer cannot be called from its own loop thread")
+        self._room.acquire()
+        staged = None
+        try:
+            self._check_open()
+            start = time.perf_counter()
+            if do_stage:
+                staged = self._stager.stage(target, check_pickle=request.savefun is torch.save)
+                request.target = staged.value
+            job = _Job(
+                request=request,
+                filename=request.dest.relpath,
+                staged=staged,
+                stage_seconds=time.perf_counter() - start,
+                called_at=start,
+            )
+            return self._submit(job, on_done=self._room.release)
+        except BaseException:
+            if staged is not None:
+                self._stager.release(staged)
+            self._room.release()
+            raise
+
+    async def wait_for_room(self) -> None:
+        """Wait, without blocking the loop, until a call would not block on ``max_pending``.
+
+        Works from asyncio and trio. Another thread may still take the room first.
+        """
+        while True:
+            if self._room.acquire(blocking=False):
+                self._room.release()
+                return
+            with self._lock:
+                pending = list(self._pending)
+            await await_any(pending)
+
+    async def asave(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+        stage: bool | None = None,
+    ) -> SnapshotResult:
+        """Async save: wait for room without blocking, stage, and await durability.
+
+        Same arguments and errors as calling the writer; returns the
+        :class:`SnapshotResult` of the committed snapshot.
+        """
+        await self.wait_for_room()
+        handle = self(filename, out_dir, target, savefun=savefun, append=append, stage=stage)
+        return await handle
+
+    def create_worker(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+        **savefun_kwargs: Any,
+    ) -> Any:
+        """Create the worker of one save: an object with ``start()``, ``join()`` and
+        ``exitcode``, as in ppe.
+
+        Override it to run saves your own way (ppe's contract: the worker should call
+        :meth:`save`). When not overridden, snapwriter does not create a worker at all:
+        the save coroutine writes in a worker thread directly. The default returns a
+        thread that runs :meth:`save`, for callers that use it directly.
+        """
+        fun = savefun if savefun is not None else self._savefun
+        return _ThreadWorker(self, (filename, out_dir, target, fun, append), savefun_kwargs)
+
+    def _uses_workers(self) -> bool:
+        return type(self).create_worker is not StandardWriter.create_worker
+
+    async def _write_job(self, job: _Job) -> WriteOutcome:
+        if not self._uses_workers():
+            return await super()._write_job(job)
+        request = job.request
+        start = time.perf_counter()
+        worker = self.create_worker(
+            job.filename,
+            request.dest.out_dir,
+            request.target,
+            savefun=request.savefun,
+            append=request.append,
+            **request.kwds,
+        )
+        await anyio.to_thread.run_sync(worker.start)
+        await anyio.to_thread.run_sync(worker.join)
+        exitcode = getattr(worker, "exitcode", 0)
+        error = getattr(worker, "error", None)
+        if error is not None:
+            raise error
+        if exitcode not in (0, None):
+            raise ChildProcessFailure(f"the worker of this save ended with exit code {exitcode}")
+        outcome = getattr(worker, "outcome", None)
+        if getattr(worker, "runs_hooks", True) is False:
+            await anyio.to_thread.run_sync(self._post_save)
+        if isinstance(outcome, WriteOutcome):
+            return outcome
+        return WriteOutcome(await anyio.to_thread.run_sync(self._size_of, request), time.perf_counter() - start, 0.0)
+
+    def _size_of(self, request: SaveRequest) -> int:
+        try:
+            return int(self.fs.stat(request.dest.path).size)
+        except Exception:
+            return 0
+
+
+class ThreadWriter(StandardWriter):
+    """Writes each snapshot in a worker thread (ppe's ``ThreadWriter``).
+
+    Same as :class:`StandardWriter`; named for drop-in compatibility.
+    """
+
+
+class ProcessWriter(StandardWriter):
+    """Writes each snapshot in a child process (ppe's ``ProcessWriter``).
+
+    Serialization runs out of process, so the training process holds no GIL for it.
+    Works under the ``fork``, ``spawn`` and ``forkserver`` start methods; ``savefun``,
+    ``fs`` and the target must be picklable for the latter two (the target's tensors go
+    through shared memory).
+
+    Args:
+        mp_context: a :mod:`multiprocessing` context or start-method name; ``None`` uses
+            the default context.
+        Other arguments: as :class:`StandardWriter`.
+    """
+
+    def __init__(
+        self,
+        savefun: SaveFun = torch.save,
+        fs: Any = None,
+        out_dir: str = "",
+        *,
+        mp_context: MpContext = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(savefun, fs, out_dir, **kwargs)
+        self._mp_context = mp_context
+
+    def create_worker(
+        self,
+        filename: str,
+        out_dir: str,
+        target: Any,
+        *,
+        savefun: SaveFun | None = None,
+        append: bool = False,
+        **savefun_kwargs: Any,
+    ) -> ProcessWorker:
+        """Return a :class:`ProcessWorker` that saves ``target`` in a child process."""
+        request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
+        return ProcessWorker(request, self._mp_context)
