@@ -34,6 +34,7 @@ from ._exceptions import (
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._paths import Destination, resolve_destination
 from ._portal import Portal, register_for_exit
+from ._retention import apply_retention, check_keep_last, default_pattern
 from ._save import SaveRequest, WriteOutcome, execute_save
 from ._staging import StagedTarget, Stager
 from ._storage import LocalFileSystem, Storage
@@ -97,13 +98,28 @@ class Writer:
             ``out_dir`` given to each call; when empty, the call's is used.
         durable: ``fsync`` each file and its directory before reporting success. Turn
             off only when losing recent snapshots on power loss is acceptable.
+        keep_last: after each commit, delete all but the ``keep_last`` newest committed
+            snapshots in that directory whose names match ``keep_pattern``. ``None``
+            (default) keeps everything. The file just committed is never deleted;
+            temporary files never count.
+        keep_pattern: glob of the base names retention may delete; by default the
+            committed name with every run of digits replaced by ``*``
+            (``snapshot_iter_1200.pt`` → ``snapshot_iter_*.pt``).
 
     Attributes:
         fs: the file system object (ppe's ``autoload`` and ``n_retains`` use it).
         out_dir: the directory given to the constructor.
     """
 
-    def __init__(self, fs: Any = None, out_dir: str = "", *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        fs: Any = None,
+        out_dir: str = "",
+        *,
+        durable: bool = True,
+        keep_last: int | None = None,
+        keep_pattern: str | None = None,
+    ) -> None:
         if not isinstance(out_dir, (str, os.PathLike)):
             raise InvalidSnapshotArgument(
                 f"out_dir must be a str or os.PathLike, not {type(out_dir).__name__}"
@@ -113,6 +129,10 @@ class Writer:
         self.fs: Any = fs if fs is not None else LocalFileSystem()
         self.out_dir: str = os.fspath(out_dir)
         self.durable = durable
+        self.keep_last = check_keep_last(keep_last)
+        if keep_pattern is not None and not isinstance(keep_pattern, str):
+            raise InvalidSnapshotArgument(f"keep_pattern must be a str, not {keep_pattern!r}")
+        self.keep_pattern = keep_pattern
         self._post_save_hooks: list[HookFun] = []
         self._lock = threading.RLock()
         self._state = _State.OPEN
@@ -347,11 +367,7 @@ class Writer:
         return os.fspath(out_dir)
 
     def _destination(self, filename: Any, out_dir: Any) -> Destination:
-        return resolve_destination(
-            self._effective_out_dir(out_dir),
-            filename,
-            local=isinstance(self.fs, LocalFileSystem),
-        )
+        return resolve_destination(self._effective_out_dir(out_dir), filename)
 
     def _request(
         self,
@@ -426,6 +442,7 @@ class Writer:
             await self._ensure_initialized(request.dest)
             outcome = await execute_save(request)
             await anyio.to_thread.run_sync(self._post_save)
+            await self._after_commit(request)
         except Exception as exc:
             error = self._wrap_failure(request.dest.path, exc, record=False)
             raise error from error.__cause__
@@ -442,6 +459,7 @@ class Writer:
                 if job.staged is not None and job.staged._events:
                     await anyio.to_thread.run_sync(job.staged.wait)
                 outcome = await self._write_job(job)
+                await self._after_commit(job.request)
         except Exception as exc:
             error = self._wrap_failure(dest.path, exc, record=True)
             raise error from error.__cause__
@@ -464,6 +482,18 @@ class Writer:
         await anyio.to_thread.run_sync(self._post_save)
         return outcome
 
+    async def _after_commit(self, request: SaveRequest) -> None:
+        """Apply retention once a snapshot is committed (not for ``append=True``)."""
+        if self.keep_last is None or request.append:
+            return
+        dest = request.dest
+        pattern = self.keep_pattern or default_pattern(dest.basename)
+        removed = await anyio.to_thread.run_sync(
+            apply_retention, self.fs, dest.directory, pattern, self.keep_last, dest.path
+        )
+        for path in removed:
+            logger.info("snapwriter: retention removed %s (keep_last=%d)", path, self.keep_last)
+
     async def _ensure_initialized(self, dest: Destination) -> None:
         directory = dest.out_dir
         if directory not in self._initialized_dirs:
@@ -483,10 +513,12 @@ class Writer:
         else:
             self._path_locks[path] = (lock, users - 1)
 
-    def _wrap_failure(self, path: str, exc: BaseException, *, record: bool) -> SnapshotWriteError:
+    def _wrap_failure(
+        self, path: str, exc: BaseException, *, record: bool
+    ) -> SnapshotWriteError | InvalidSnapshotArgument:
         """Log ``exc`` and return the error to raise, its ``__cause__`` the original."""
-        if isinstance(exc, SnapshotWriteError):
-            error = exc  # already names the file and chains the original cause
+        if isinstance(exc, (SnapshotWriteError, InvalidSnapshotArgument)):
+            error = exc  # already names the file (and chains the original cause)
         else:
             error = SnapshotWriteError(
                 f"failed to save snapshot {path!r}: {type(exc).__name__}: {exc}", path

@@ -61,9 +61,7 @@ def list_snapshots(
             st = fs.stat(path)
         except FileNotFoundError:
             continue  # removed meanwhile
-        entries.append(
-            SnapshotEntry(name, path, int(st.size), float(st.last_modified), temporary)
-        )
+        entries.append(SnapshotEntry(name, path, int(st.size), float(st.last_modified), temporary))
     entries.sort(key=lambda e: (e.mtime, e.name))
     return entries
 

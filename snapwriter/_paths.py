@@ -17,6 +17,7 @@ from ._exceptions import InvalidSnapshotArgument
 __all__ = (
     "TEMP_MARKER",
     "Destination",
+    "check_local_destination",
     "is_temp_name",
     "resolve_destination",
     "temp_name_for",
@@ -97,19 +98,20 @@ def _as_str(value: object, what: str) -> str:
     return value
 
 
-def resolve_destination(out_dir: object, filename: object, *, local: bool = True) -> Destination:
+def resolve_destination(out_dir: object, filename: object) -> Destination:
     """Validate ``filename`` against ``out_dir`` and return where the file goes.
+
+    Pure string checks, no file-system access (safe on an event loop);
+    :func:`check_local_destination` completes them before the write.
 
     Args:
         out_dir: the output directory (``""`` means the current directory).
         filename: a relative file name, possibly with sub-directories.
-        local: whether ``out_dir`` is on the local file system; then symlinks are
-            resolved so a symlinked sub-directory cannot lead outside ``out_dir``.
 
     Raises:
         InvalidSnapshotArgument: the filename is not a string, is empty, absolute,
-            contains a NUL byte, escapes ``out_dir`` (through ``..`` or a symlink),
-            ends with a separator or names an existing directory.
+            contains a NUL byte, escapes ``out_dir`` through ``..`` or ends with a
+            separator.
     """
     out = _as_str(out_dir, "out_dir") or "."
     name = _as_str(filename, "filename")
@@ -118,20 +120,28 @@ def resolve_destination(out_dir: object, filename: object, *, local: bool = True
     if name.endswith(("/", os.sep)):
         raise InvalidSnapshotArgument(f"filename {name!r} names a directory")
     if os.path.isabs(name) or name.startswith(("/", "\\")):
-        raise InvalidSnapshotArgument(f"filename {name!r} is absolute; it must be relative to out_dir")
+        raise InvalidSnapshotArgument(
+            f"filename {name!r} is absolute; it must be relative to out_dir"
+        )
     rel = posixpath.normpath(name.replace(os.sep, "/"))
     if rel in (".", "..") or rel.startswith("../"):
         raise InvalidSnapshotArgument(f"filename {name!r} escapes out_dir {out!r}")
-    path = os.path.join(out, rel)
-    dest = Destination(out_dir=out, relpath=rel, path=path)
-    if local:
-        root = os.path.realpath(out)
-        parent = os.path.realpath(dest.directory)
-        if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
-            raise InvalidSnapshotArgument(
-                f"filename {name!r} escapes out_dir {out!r} through a symbolic link "
-                f"(its directory resolves to {parent!r})"
-            )
-        if os.path.isdir(path):
-            raise InvalidSnapshotArgument(f"filename {name!r} names an existing directory: {path!r}")
-    return dest
+    return Destination(out_dir=out, relpath=rel, path=os.path.join(out, rel))
+
+
+def check_local_destination(dest: Destination) -> None:
+    """File-system checks of a local destination, made before anything is written.
+
+    Raises:
+        InvalidSnapshotArgument: the file's directory resolves (through symbolic links)
+            outside ``out_dir``, or the final name is an existing directory.
+    """
+    root = os.path.realpath(dest.out_dir)
+    parent = os.path.realpath(dest.directory)
+    if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
+        raise InvalidSnapshotArgument(
+            f"snapshot {dest.path!r} escapes out_dir {dest.out_dir!r} through a symbolic link "
+            f"(its directory resolves to {parent!r})"
+        )
+    if os.path.isdir(dest.path):
+        raise InvalidSnapshotArgument(f"snapshot {dest.path!r} names an existing directory")

@@ -75,15 +75,14 @@ class Portal:
                 self._thread_ident = portal.call(threading.get_ident)
             return self._portal
 
-    def start_task_soon(
-        self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any
-    ) -> Future[T]:
+    def start_task_soon(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Future[T]:
         """Schedule ``fn(*args)`` on the loop; return its future."""
         return self._get().start_task_soon(fn, *args)
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``fn(*args)`` on the loop and wait for it (never from the loop thread)."""
-        return self._get().call(fn, *args)
+        result: T = self._get().call(fn, *args)
+        return result
 
     def stop(self) -> None:
         """Let running tasks finish, then stop the loop and join its thread. Idempotent."""

@@ -9,6 +9,7 @@ rather than a bare exit code. Under ``fork`` the staged target is inherited; und
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -197,10 +198,8 @@ class ConsumerProcess:
         """Tell the consumer to exit and wait for it."""
         with self._lock:
             if self._conn is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self._conn.send(None)
-                except OSError:
-                    pass
             if self._process is not None:
                 self._process.join()
             self._close_quietly()

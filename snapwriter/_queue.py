@@ -32,7 +32,7 @@ class QueueWriter(StandardWriter):
         task: ppe's custom task: called as ``task(filename, out_dir, target,
             savefun=savefun, append=append)`` in the background instead of snapwriter's
             atomic save. It then owns atomicity and durability.
-        durable, stage: as :class:`StandardWriter`.
+        durable, stage, keep_last, keep_pattern: as :class:`StandardWriter`.
         max_pending: saves queued or running at most (default 2); a call beyond that
             blocks until one finishes, which bounds the memory held by staged copies.
     """
@@ -49,9 +49,18 @@ class QueueWriter(StandardWriter):
         durable: bool = True,
         stage: bool = True,
         max_pending: int | None = None,
+        keep_last: int | None = None,
+        keep_pattern: str | None = None,
     ) -> None:
         super().__init__(
-            savefun, fs, out_dir, durable=durable, stage=stage, max_pending=max_pending
+            savefun,
+            fs,
+            out_dir,
+            durable=durable,
+            stage=stage,
+            max_pending=max_pending,
+            keep_last=keep_last,
+            keep_pattern=keep_pattern,
         )
         self._task = task if task is not None else self.create_task(savefun)
 
@@ -69,14 +78,14 @@ class QueueWriter(StandardWriter):
         request = job.request
         outcome = await anyio.to_thread.run_sync(self._run_task, job)
         await anyio.to_thread.run_sync(self._post_save)
-        return WriteOutcome(
-            await anyio.to_thread.run_sync(self._size_of, request), outcome, 0.0
-        )
+        return WriteOutcome(await anyio.to_thread.run_sync(self._size_of, request), outcome, 0.0)
 
     def _run_task(self, job: _Job) -> float:
         request = job.request
+        task = self._task
+        assert task is not None
         start = time.perf_counter()
-        self._task(
+        task(
             job.filename,
             request.dest.out_dir,
             request.target,
@@ -120,7 +129,13 @@ class ProcessQueueWriter(QueueWriter):
         if self._task is None:
             outcome = await anyio.to_thread.run_sync(self._consumer.run, request)
         else:
-            args = (job.filename, request.dest.out_dir, request.target, request.savefun, request.append)
+            args = (
+                job.filename,
+                request.dest.out_dir,
+                request.target,
+                request.savefun,
+                request.append,
+            )
             outcome = await anyio.to_thread.run_sync(self._consumer.run, None, args)
             outcome = WriteOutcome(
                 await anyio.to_thread.run_sync(self._size_of, request),

@@ -22,7 +22,7 @@ class SimpleWriter(Writer):
 
     Args:
         savefun: called as ``savefun(target, file_object, **kwds)``.
-        fs, out_dir, durable: see :class:`Writer`.
+        fs, out_dir, durable, keep_last, keep_pattern: see :class:`Writer`.
         **kwds: keyword arguments for ``savefun``.
     """
 
@@ -33,9 +33,13 @@ class SimpleWriter(Writer):
         out_dir: str = "",
         *,
         durable: bool = True,
+        keep_last: int | None = None,
+        keep_pattern: str | None = None,
         **kwds: Any,
     ) -> None:
-        super().__init__(fs=fs, out_dir=out_dir, durable=durable)
+        super().__init__(
+            fs=fs, out_dir=out_dir, durable=durable, keep_last=keep_last, keep_pattern=keep_pattern
+        )
         if not callable(savefun):
             raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
         self._savefun = savefun

@@ -239,14 +239,14 @@ class Stager:
         """Copy CUDA tensors into pinned buffers on a side stream; return the event."""
         stream = self._streams.get(device)
         if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         current = torch.cuda.current_stream(device)
         stream.wait_stream(current)  # the copy sees every kernel queued so far
         with torch.cuda.stream(stream):
             for dst, src in pairs:
                 dst.copy_(src.detach(), non_blocking=True)
                 src.record_stream(stream)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
         # Kernels the caller queues next (an optimizer step) wait for the copy on the GPU,
         # so they cannot tear it; the host does not wait.
@@ -272,7 +272,9 @@ class _Slot:
         self.index = index
 
 
-def _collect(obj: Any, tensors: list[torch.Tensor], seen: dict[int, int], check_pickle: bool) -> Any:
+def _collect(
+    obj: Any, tensors: list[torch.Tensor], seen: dict[int, int], check_pickle: bool
+) -> Any:
     """Rebuild containers with tensors replaced by slots; copy every other leaf."""
     cls = type(obj)
     if cls in _IMMUTABLE_LEAVES:
@@ -342,4 +344,3 @@ def _fill(skeleton: Any, staged: list[torch.Tensor]) -> Any:
     if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
         return cls(*(_fill(v, staged) for v in skeleton))
     return skeleton
-

@@ -75,6 +75,7 @@ class StandardWriter(Writer):
         max_pending: saves in flight at most. A further sync call blocks until one
             finishes (ppe behaviour); staging memory is bounded by ``max_pending``
             copies of the target.
+        keep_last, keep_pattern: retention (see :class:`Writer`).
         **kwds: keyword arguments for ``savefun``.
 
     Threading: calls may come from any thread except the writer's own loop thread;
@@ -92,9 +93,13 @@ class StandardWriter(Writer):
         durable: bool = True,
         stage: bool = True,
         max_pending: int | None = None,
+        keep_last: int | None = None,
+        keep_pattern: str | None = None,
         **kwds: Any,
     ) -> None:
-        super().__init__(fs=fs, out_dir=out_dir, durable=durable)
+        super().__init__(
+            fs=fs, out_dir=out_dir, durable=durable, keep_last=keep_last, keep_pattern=keep_pattern
+        )
         if not callable(savefun):
             raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
         if not isinstance(stage, bool):
@@ -250,7 +255,9 @@ class StandardWriter(Writer):
             await anyio.to_thread.run_sync(self._post_save)
         if isinstance(outcome, WriteOutcome):
             return outcome
-        return WriteOutcome(await anyio.to_thread.run_sync(self._size_of, request), time.perf_counter() - start, 0.0)
+        return WriteOutcome(
+            await anyio.to_thread.run_sync(self._size_of, request), time.perf_counter() - start, 0.0
+        )
 
     def _size_of(self, request: SaveRequest) -> int:
         try:

@@ -28,7 +28,13 @@ from typing import IO, Any
 import aiofiles.os
 import anyio.to_thread
 
-from ._paths import Destination, is_temp_name, temp_name_for, temp_owner_alive
+from ._paths import (
+    Destination,
+    check_local_destination,
+    is_temp_name,
+    temp_name_for,
+    temp_owner_alive,
+)
 
 __all__ = ("FileStat", "LocalFileSystem", "Storage")
 
@@ -58,7 +64,7 @@ class LocalFileSystem:
     is_local = True
 
     def open(self, file_path: str, mode: str = "r", buffering: int = -1, **kwargs: Any) -> IO[Any]:
-        return open(file_path, mode, buffering, **kwargs)  # noqa: SIM115 - caller closes
+        return open(file_path, mode, buffering, **kwargs)
 
     def makedirs(self, file_path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
         os.makedirs(file_path, mode, exist_ok)
@@ -161,8 +167,11 @@ class Storage:
             The temporary path and the number of bytes written.
 
         Raises:
+            InvalidSnapshotArgument: the destination escapes ``out_dir`` through a
+                symbolic link or is a directory (local file system; nothing written).
             Whatever ``savefun`` or the file system raised; the temporary file is removed.
         """
+        self._check(dest)
         self.fs.makedirs(dest.directory, exist_ok=True)
         tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
         try:
@@ -185,6 +194,7 @@ class Storage:
         kwds: dict[str, Any],
     ) -> int:
         """Append to the final file directly (ppe's ``append=True``; not atomic)."""
+        self._check(dest)
         self.fs.makedirs(dest.directory, exist_ok=True)
         with self.fs.open(dest.path, "ab") as f:
             start = f.tell()
@@ -194,6 +204,10 @@ class Storage:
             if self.durable:
                 _fsync_file(f)
         return int(nbytes)
+
+    def _check(self, dest: Destination) -> None:
+        if self.is_local:
+            check_local_destination(dest)
 
     def remove_quietly(self, path: str) -> None:
         with contextlib.suppress(Exception):
