@@ -16,6 +16,7 @@ Two process-wide hooks keep programs healthy:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures.thread  # noqa: F401 - see the at-exit registration below
 import contextlib
 import itertools
@@ -53,6 +54,8 @@ class Portal:
         self._cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._thread_ident: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
         self.name = f"snapwriter-portal-{next(_counter)}"
 
@@ -73,11 +76,40 @@ class Portal:
                 portal = cm.__enter__()
                 self._cm, self._portal = cm, portal
                 self._thread_ident = portal.call(threading.get_ident)
+                self._loop = portal.call(asyncio.get_running_loop)
             return self._portal
 
     def start_task_soon(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Future[T]:
-        """Schedule ``fn(*args)`` on the loop; return its future."""
-        return self._get().start_task_soon(fn, *args)
+        """Schedule ``fn(*args)`` on the loop and return its future, without waiting.
+
+        Unlike :meth:`BlockingPortal.start_task_soon`, which waits for the loop to
+        acknowledge the new task, this only queues it (``call_soon_threadsafe``), so a
+        caller on another event loop is never blocked by a busy writer loop. The
+        writer waits for these futures itself before stopping the loop.
+        """
+        self._get()
+        loop = self._loop
+        assert loop is not None
+        future: Future[T] = Future()
+
+        def spawn() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            task = loop.create_task(fn(*args))
+            self._tasks.add(task)
+            task.add_done_callback(finished)
+
+        def finished(task: asyncio.Task[T]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():
+                future.set_exception(asyncio.CancelledError("the writer's loop was stopped"))
+            elif (exc := task.exception()) is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(task.result())
+
+        loop.call_soon_threadsafe(spawn)
+        return future
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``fn(*args)`` on the loop and wait for it (never from the loop thread)."""
@@ -85,7 +117,7 @@ class Portal:
         return result
 
     def stop(self) -> None:
-        """Let running tasks finish, then stop the loop and join its thread. Idempotent."""
+        """Stop the loop and join its thread (writers first wait for their saves). Idempotent."""
         with self._lock:
             cm, self._cm, self._portal = self._cm, None, None
         if cm is not None and self._pid == os.getpid():
@@ -102,7 +134,8 @@ class Portal:
         portal = self._portal
         if portal is not None and hasattr(portal, "_event_loop_thread_id"):
             portal._event_loop_thread_id = None
-        self._cm, self._portal, self._thread_ident = None, None, None
+        self._cm, self._portal, self._thread_ident, self._loop = None, None, None, None
+        self._tasks = set()
 
 
 class _ExitParticipant(Protocol):
