@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread  # noqa: F401 - see the at-exit registration below
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -108,7 +109,9 @@ class Portal:
             else:
                 future.set_result(task.result())
 
-        loop.call_soon_threadsafe(spawn)
+        # A fresh context: the caller's (say, trio's sniffio marker) must not leak into
+        # the writer's asyncio loop.
+        loop.call_soon_threadsafe(spawn, context=contextvars.Context())
         return future
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:

@@ -35,6 +35,7 @@ class QueueWriter(StandardWriter):
         durable, stage, keep_last, keep_pattern: as :class:`StandardWriter`.
         max_pending: saves queued or running at most (default 2); a call beyond that
             blocks until one finishes, which bounds the memory held by staged copies.
+        **kwds: keyword arguments for ``savefun`` (an addition to ppe's signature).
     """
 
     _default_max_pending = 2
@@ -51,6 +52,7 @@ class QueueWriter(StandardWriter):
         max_pending: int | None = None,
         keep_last: int | None = None,
         keep_pattern: str | None = None,
+        **kwds: Any,
     ) -> None:
         super().__init__(
             savefun,
@@ -61,6 +63,7 @@ class QueueWriter(StandardWriter):
             max_pending=max_pending,
             keep_last=keep_last,
             keep_pattern=keep_pattern,
+            **kwds,
         )
         self._task = task if task is not None else self.create_task(savefun)
 
@@ -119,9 +122,9 @@ class ProcessQueueWriter(QueueWriter):
         task: TaskFun | None = None,
         *,
         mp_context: MpContext = None,
-        **kwargs: Any,
+        **kwds: Any,
     ) -> None:
-        super().__init__(savefun, fs, out_dir, task, **kwargs)
+        super().__init__(savefun, fs, out_dir, task, **kwds)
         self._consumer = ConsumerProcess(mp_context, self._task)
 
     async def _write_job(self, job: _Job) -> WriteOutcome:

@@ -294,9 +294,9 @@ class ProcessWriter(StandardWriter):
         out_dir: str = "",
         *,
         mp_context: MpContext = None,
-        **kwargs: Any,
+        **kwds: Any,
     ) -> None:
-        super().__init__(savefun, fs, out_dir, **kwargs)
+        super().__init__(savefun, fs, out_dir, **kwds)
         self._mp_context = mp_context
 
     def create_worker(

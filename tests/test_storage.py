@@ -1,0 +1,66 @@
+"""Temporary names, clean-up of leftovers, discovery of the latest snapshot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import snapwriter
+from snapwriter._paths import temp_name_for
+from snapwriter._storage import LocalFileSystem, Storage
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(proc.stdout)
+
+
+def test_temp_names() -> None:
+    name = temp_name_for("snapshot_iter_10")
+    assert name.startswith(".snapshot_iter_10") and snapwriter.is_temp_name(name)
+    assert not name.endswith("10")  # prefix/suffix matchers (ppe) never take it
+    assert not snapwriter.is_temp_name("snapshot_iter_10")
+    assert not snapwriter.is_temp_name(".hidden.snapwriter-tmp-notapid-0123456789abcdef")
+
+
+def test_initialize_removes_only_dead_leftovers(tmp_path: Path) -> None:
+    dead = tmp_path / f".a.pt.snapwriter-tmp-{_dead_pid()}-{'0' * 16}"
+    alive = tmp_path / f".b.pt.snapwriter-tmp-{os.getpid()}-{'1' * 16}"
+    lookalike = tmp_path / ".c.pt.snapwriter-tmp-"
+    for p in (dead, alive, lookalike):
+        p.write_bytes(b"x")
+    w = snapwriter.StandardWriter(out_dir=str(tmp_path))
+    w.initialize("")
+    w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, lookalike.name])
+    removed = Storage(LocalFileSystem()).clean_temps(str(tmp_path), only_dead=False)
+    assert removed == [str(alive)]
+
+
+def test_find_latest_snapshot_ignores_temporaries(tmp_path: Path) -> None:
+    assert snapwriter.find_latest_snapshot(str(tmp_path / "missing")) is None
+    for i in range(3):
+        torch.save(i, tmp_path / f"snap_{i}.pt")
+        os.utime(tmp_path / f"snap_{i}.pt", (1000 + i, 1000 + i))
+    newer_tmp = tmp_path / f".snap_9.pt.snapwriter-tmp-{os.getpid()}-{'2' * 16}"
+    newer_tmp.write_bytes(b"partial")
+    assert snapwriter.find_latest_snapshot(str(tmp_path)) == str(tmp_path / "snap_2.pt")
+    entries = snapwriter.list_snapshots(str(tmp_path), "snap_*.pt")
+    assert [e.temporary for e in entries] == [False, False, False, True]
+    assert entries[0].name == "snap_0.pt" and entries[0].size > 0
+
+
+def test_directory_fsync_and_replace_leave_only_final(tmp_path: Path) -> None:
+    with snapwriter.StandardWriter(out_dir=str(tmp_path)) as w:
+        for _ in range(3):
+            w("same.pt", "", {"x": torch.ones(2)})
+    assert os.listdir(tmp_path) == ["same.pt"]
