@@ -199,36 +199,60 @@ class Stager:
     def _copy(
         self, tensors: list[torch.Tensor], arena: _Arena
     ) -> tuple[list[torch.Tensor], list[Any]]:
-        plain: list[int] = []
-        special: dict[int, torch.Tensor] = {}
-        for i, t in enumerate(tensors):
-            if _plain_tensor(t):
-                plain.append(i)
-            else:
-                special[i] = t.detach().clone()
+        """Copy ``tensors`` into the arena (plain tensors) or fresh clones (others).
+
+        Written for tens of thousands of tensors: per-tensor work is list comprehensions
+        and one batched ``torch._foreach_copy_``.
+        """
+        types = {type(t) for t in tensors}
+        dtypes = [t.dtype for t in tensors]
+        on_cuda = [t.is_cuda for t in tensors]
+        all_plain = (
+            types <= _PLAIN_TYPES
+            and {t.layout for t in tensors} <= {torch.strided}
+            and not (set(dtypes) & _QUANTIZED)
+            and all(c or t.is_cpu for c, t in zip(on_cuda, tensors, strict=True))
+        )
+        if all_plain:
+            plain = list(range(len(tensors)))
+            special: dict[int, torch.Tensor] = {}
+        else:
+            plain = [i for i, t in enumerate(tensors) if _plain_tensor(t)]
+            special = {i: t.detach().clone() for i, t in enumerate(tensors) if not _plain_tensor(t)}
         sig: _Signature = tuple(
-            (tensors[i].dtype, tuple(tensors[i].shape), tensors[i].is_cuda) for i in plain
+            zip(
+                [dtypes[i] for i in plain] if special else dtypes,
+                [tensors[i].size() for i in plain],
+                [on_cuda[i] for i in plain] if special else on_cuda,
+                strict=True,
+            )
         )
         before = arena.allocations
         views = arena.fit(sig)
         self.allocations += arena.allocations - before
+        srcs = [tensors[i] for i in plain] if special else tensors
         events: list[Any] = []
         with torch.no_grad():
-            cpu_dst = [v for i, v in zip(plain, views, strict=True) if not tensors[i].is_cuda]
-            cpu_src = [tensors[i] for i in plain if not tensors[i].is_cuda]
-            if cpu_src:
-                torch._foreach_copy_(cpu_dst, [t.detach() for t in cpu_src])
-            by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for i, v in zip(plain, views, strict=True):
-                if tensors[i].is_cuda:
-                    by_device.setdefault(tensors[i].device, []).append((v, tensors[i]))
-            for device, pairs in by_device.items():
-                events.append(self._copy_from_device(device, pairs))
+            if not any(on_cuda):
+                if srcs:
+                    torch._foreach_copy_(views, srcs)
+            else:
+                cpu_pairs = [(v, t) for v, t in zip(views, srcs, strict=True) if not t.is_cuda]
+                if cpu_pairs:
+                    torch._foreach_copy_([v for v, _ in cpu_pairs], [t for _, t in cpu_pairs])
+                by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                for v, t in zip(views, srcs, strict=True):
+                    if t.is_cuda:
+                        by_device.setdefault(t.device, []).append((v, t))
+                for device, pairs in by_device.items():
+                    events.append(self._copy_from_device(device, pairs))
+        if not special and torch.nn.Parameter not in types:
+            return list(views), events
         out: list[torch.Tensor] = []
         it = iter(views)
         for i, t in enumerate(tensors):
             staged = special[i] if i in special else next(it)
-            if isinstance(t, torch.nn.Parameter):
+            if type(t) is torch.nn.Parameter:
                 staged = torch.nn.Parameter(staged, requires_grad=t.requires_grad)
             out.append(staged)
         return out, events
@@ -254,12 +278,21 @@ class Stager:
         return event
 
 
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_QUANTIZED = frozenset(
+    getattr(torch, name)
+    for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+    if hasattr(torch, name)
+)
+
+
 def _plain_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be staged into a flat arena buffer (strided, CPU or CUDA)."""
     return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
+        type(t) in _PLAIN_TYPES
         and t.layout == torch.strided
-        and not t.is_quantized
-        and t.device.type in ("cpu", "cuda")
+        and t.dtype not in _QUANTIZED
+        and (t.is_cpu or t.is_cuda)
     )
 
 
@@ -279,14 +312,19 @@ def _collect(
     cls = type(obj)
     if cls in _IMMUTABLE_LEAVES:
         return obj
-    if isinstance(obj, torch.Tensor):
-        index = seen.get(id(obj))
-        if index is None:
-            index = seen[id(obj)] = len(tensors)
-            tensors.append(obj)
-        return _Slot(index)
-    if cls is dict:
-        return {k: _collect(v, tensors, seen, check_pickle) for k, v in obj.items()}
+    if cls in _PLAIN_TYPES or isinstance(obj, torch.Tensor):
+        return _slot(obj, tensors, seen)
+    if cls is dict:  # the hot path: a state_dict of many tensors
+        out = {}
+        for k, v in obj.items():
+            vcls = type(v)
+            if vcls in _PLAIN_TYPES:
+                out[k] = _slot(v, tensors, seen)
+            elif vcls in _IMMUTABLE_LEAVES:
+                out[k] = v
+            else:
+                out[k] = _collect(v, tensors, seen, check_pickle)
+        return out
     if isinstance(obj, dict):  # OrderedDict (with state_dict's _metadata), defaultdict...
         new = copy.copy(obj)
         for k, v in obj.items():
@@ -319,6 +357,14 @@ def _collect(
             f"cannot stage an object of type {cls.__module__}.{cls.__qualname__}: "
             f"it cannot be deep-copied ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _slot(t: torch.Tensor, tensors: list[torch.Tensor], seen: dict[int, int]) -> _Slot:
+    index = seen.get(id(t))
+    if index is None:
+        index = seen[id(t)] = len(tensors)
+        tensors.append(t)
+    return _Slot(index)
 
 
 def _fill(skeleton: Any, staged: list[torch.Tensor]) -> Any:
