@@ -1,0 +1,100 @@
+"""fast_torch_save writes what torch.load reads exactly like torch.save's output."""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from typing import Any
+
+import pytest
+import torch
+
+from snapwriter._fastsave import fast_torch_save
+from snapwriter._staging import Stager
+from tests.conftest import assert_same, make_state
+
+
+def _round_trip(obj: Any, **load_kw: Any) -> Any:
+    buf = io.BytesIO()
+    fast_torch_save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, **load_kw)
+
+
+def _reference(obj: Any) -> Any:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_state_round_trips_like_torch_save(weights_only: bool) -> None:
+    state = make_state()
+    assert_same(_reference(state), _round_trip(state, weights_only=weights_only))
+
+
+def test_staged_views_share_one_storage_per_dtype() -> None:
+    state = {f"p{i}": torch.full((3, 5), float(i)) for i in range(100)}
+    state["i"] = torch.arange(7)
+    staged = Stager().stage(state).value
+    loaded = _round_trip(staged, weights_only=True)
+    assert_same(state, loaded)
+    assert loaded["p0"].untyped_storage().data_ptr() == loaded["p99"].untyped_storage().data_ptr()
+
+
+def test_shared_and_strided_views_keep_their_layout() -> None:
+    base = torch.arange(24.0).reshape(4, 6)
+    obj = {"base": base, "t": base.t(), "row": base[1], "slice": base[:, ::2]}
+    loaded = _round_trip(obj, weights_only=True)
+    for k, v in obj.items():
+        assert torch.equal(loaded[k], v) and loaded[k].stride() == v.stride()
+    loaded["base"][0, 0] = 100.0  # views still share storage, as with torch.save
+    assert loaded["t"][0, 0] == 100.0
+
+
+def test_ordered_dict_metadata_and_python_objects() -> None:
+    sd = torch.nn.Linear(3, 2).state_dict()
+    loaded = _round_trip({"sd": sd, "x": [1, (2, "a")], "none": None})
+    assert type(loaded["sd"]) is collections.OrderedDict
+    assert loaded["sd"]._metadata == sd._metadata  # type: ignore[attr-defined]
+    assert_same(dict(sd), dict(loaded["sd"]))
+    assert loaded["x"] == [1, (2, "a")]
+
+
+@pytest.mark.parametrize(
+    "special",
+    [
+        torch.nn.Parameter(torch.ones(3)),
+        torch.ones(3, requires_grad=True),
+        torch.tensor([1 + 2j]).conj(),
+        torch.eye(3).to_sparse(),
+    ],
+    ids=["parameter", "requires-grad", "conj", "sparse"],
+)
+def test_special_tensors_fall_back_to_torch_save(special: torch.Tensor) -> None:
+    loaded = _round_trip({"t": special, "plain": torch.ones(2)}, weights_only=False)
+    expected = _reference({"t": special})["t"]
+    assert type(loaded["t"]) is type(expected)
+    assert torch.equal(loaded["t"].resolve_conj().to_dense(), expected.resolve_conj().to_dense())
+    assert loaded["t"].requires_grad == expected.requires_grad
+
+
+def test_mixed_dtype_views_of_one_storage_raise_like_torch_save() -> None:
+    base = torch.zeros(4)
+    obj = {"f": base, "i": base.view(torch.int32)}
+    with pytest.raises(RuntimeError, match="different types"):
+        fast_torch_save(obj, io.BytesIO())
+
+
+def test_unpicklable_raises_like_torch_save() -> None:
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        fast_torch_save({"f": lambda: 1}, io.BytesIO())
+
+
+def test_attribute_carrying_tensor_falls_back() -> None:
+    t = torch.ones(2)
+    t.note = "kept"  # type: ignore[attr-defined]
+    loaded = _round_trip({"t": t}, weights_only=False)
+    assert loaded["t"].note == "kept"
