@@ -31,13 +31,14 @@ from ._exceptions import (
     SnapshotWriteError,
     WriterClosedError,
 )
+from ._fsspec import resolve_filesystem
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._paths import Destination, resolve_destination
 from ._portal import Portal, register_for_exit
 from ._retention import apply_retention, check_keep_last, default_pattern
 from ._save import SaveRequest, WriteOutcome, execute_save
 from ._staging import StagedTarget, Stager
-from ._storage import LocalFileSystem, Storage
+from ._storage import Storage
 
 __all__ = ("Writer", "WriterStats")
 
@@ -126,8 +127,9 @@ class Writer:
             )
         if not isinstance(durable, bool):
             raise InvalidSnapshotArgument(f"durable must be a bool, not {durable!r}")
-        self.fs: Any = fs if fs is not None else LocalFileSystem()
-        self.out_dir: str = os.fspath(out_dir)
+        self.fs: Any
+        self.out_dir: str
+        self.fs, self.out_dir = resolve_filesystem(fs, out_dir)
         self.durable = durable
         self.keep_last = check_keep_last(keep_last)
         if keep_pattern is not None and not isinstance(keep_pattern, str):

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from ._fsspec import resolve_filesystem
 from ._paths import is_temp_name
-from ._storage import LocalFileSystem
 
-__all__ = ("SnapshotEntry", "find_latest_snapshot", "list_snapshots")
+__all__ = ("SnapshotEntry", "find_latest_snapshot", "list_snapshots", "natural_key")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders the numbers in names numerically (``snap_9`` < ``snap_10``)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 @dataclass(frozen=True)
@@ -37,19 +43,28 @@ def list_snapshots(
 ) -> list[SnapshotEntry]:
     """List the files directly in ``directory`` whose names match ``pattern``, oldest first.
 
+    Files with the same modification time (object stores keep whole seconds) are
+    ordered by name, numbers compared numerically.
+
     Args:
-        directory: the snapshot directory.
+        directory: the snapshot directory: a path, or a URL (``s3://bucket/run``,
+            ``memory://run``; needs fsspec) when ``fs`` is not given.
         pattern: a :mod:`fnmatch` pattern for committed snapshot names.
-        fs: file system (default: the local one).
+        fs: file system: the local one by default; a ppe/PFIO file system, an fsspec
+            file system (``directory`` is then a path on it) or a writer's ``fs``.
         include_temporary: also list temporary leftovers (whatever ``pattern`` says).
+
+    Returns:
+        The entries; their ``path`` is ``directory`` (as given, URL included) joined
+        with the name.
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
     """
-    fs = fs if fs is not None else LocalFileSystem()
+    fs, root = resolve_filesystem(fs, directory)
     entries = []
-    for name in fs.list(directory):
-        path = os.path.join(directory, name)
+    for name in fs.list(root):
+        path = os.path.join(root, name)
         temporary = is_temp_name(name)
         if temporary and not include_temporary:
             continue
@@ -61,8 +76,9 @@ def list_snapshots(
             st = fs.stat(path)
         except FileNotFoundError:
             continue  # removed meanwhile
-        entries.append(SnapshotEntry(name, path, int(st.size), float(st.last_modified), temporary))
-    entries.sort(key=lambda e: (e.mtime, e.name))
+        shown = os.path.join(directory, name)
+        entries.append(SnapshotEntry(name, shown, int(st.size), float(st.last_modified), temporary))
+    entries.sort(key=lambda e: (e.mtime, natural_key(e.name)))
     return entries
 
 
@@ -70,7 +86,8 @@ def find_latest_snapshot(directory: str, pattern: str = "*", *, fs: Any = None) 
     """Return the path of the newest complete snapshot in ``directory``, or ``None``.
 
     Only committed files count: temporary leftovers of unfinished saves are ignored.
-    Newest means latest modification time (ties broken by name).
+    Newest means latest modification time (ties broken by name, numbers compared
+    numerically). ``directory`` and ``fs`` are as in :func:`list_snapshots`.
     """
     try:
         entries = list_snapshots(directory, pattern, fs=fs, include_temporary=False)

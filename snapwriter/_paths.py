@@ -19,6 +19,7 @@ __all__ = (
     "Destination",
     "check_local_destination",
     "is_temp_name",
+    "is_url",
     "resolve_destination",
     "temp_name_for",
     "temp_owner_alive",
@@ -31,6 +32,13 @@ __all__ = (
 #: clean-up leave alone the temporary files of saves still running in live processes.
 TEMP_MARKER = ".snapwriter-tmp-"
 _TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]{16}$")
+#: A URL (``s3://bucket/run``) or an fsspec chained URL (``simplecache::s3://...``).
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``proto://...``) rather than a file-system path."""
+    return _URL_RE.match(path) is not None
 
 
 def temp_name_for(basename: str) -> str:
@@ -111,9 +119,15 @@ def resolve_destination(out_dir: object, filename: object) -> Destination:
     Raises:
         InvalidSnapshotArgument: the filename is not a string, is empty, absolute,
             contains a NUL byte, escapes ``out_dir`` through ``..`` or ends with a
-            separator.
+            separator; or ``out_dir`` is a URL (URLs go to the writer's constructor).
     """
     out = _as_str(out_dir, "out_dir") or "."
+    if is_url(out):
+        raise InvalidSnapshotArgument(
+            f"out_dir {out!r} is a URL: give URLs to the writer's constructor "
+            f"(for example StandardWriter(out_dir={out!r})), which picks the file system "
+            "for them; the out_dir of a call must be a path on the writer's file system"
+        )
     name = _as_str(filename, "filename")
     if not name:
         raise InvalidSnapshotArgument("filename is empty")

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from ._discovery import SnapshotEntry, list_snapshots
+from ._discovery import SnapshotEntry, list_snapshots, natural_key
 from ._exceptions import InvalidSnapshotArgument
 
 __all__ = ("apply_retention", "check_keep_last", "default_pattern")
@@ -43,10 +43,6 @@ def _escape_glob(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _natural_key(name: str) -> tuple[Any, ...]:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
-
-
 def apply_retention(
     fs: Any, directory: str, pattern: str, keep_last: int, newest_path: str
 ) -> list[str]:
@@ -65,7 +61,7 @@ def apply_retention(
     entries: list[SnapshotEntry] = list_snapshots(
         directory, pattern, fs=fs, include_temporary=False
     )
-    entries.sort(key=lambda e: (e.mtime, _natural_key(e.name)))
+    entries.sort(key=lambda e: (e.mtime, natural_key(e.name)))
     newest = os.path.normpath(newest_path)
     keep = [e for e in entries if os.path.normpath(e.path) == newest]
     others = [e for e in entries if os.path.normpath(e.path) != newest]

@@ -11,6 +11,11 @@ The final name therefore always holds either the previous complete file or the n
 complete one, never a partial file and never nothing. A crash leaves at worst a
 temporary file, recognisable by name (:func:`snapwriter.is_temp_name`) and removed by the
 next writer that initialises the directory.
+
+On a remote file system (:class:`snapwriter._fsspec.FsspecFileSystem`: memory, S3...) the
+temporary object is uploaded when its file closes, and the commit is the file system's
+``rename`` (on an object store a server-side copy then a delete, so the final key appears
+complete or not at all); there is nothing to ``fsync``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import io
 import os
 import shutil
 import stat as stat_module
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -141,8 +147,9 @@ class Storage:
     """Runs the write/commit protocol over a file system.
 
     Args:
-        fs: :class:`LocalFileSystem` or any object with ppe's file-system interface
-            (``open``, ``makedirs``, ``exists``, ``rename``, ``remove``, ``list``).
+        fs: :class:`LocalFileSystem`, an :class:`~snapwriter._fsspec.FsspecFileSystem`
+            or any object with ppe's file-system interface (``open``, ``makedirs``,
+            ``exists``, ``rename``, ``remove``, ``list``).
         durable: ``fsync`` the file and its directory (turn off only if losing the last
             snapshots on power loss is acceptable).
     """
@@ -235,7 +242,10 @@ class Storage:
 
         Args:
             only_dead: skip temporary files whose writing process is still alive on this
-                host (a save in progress by another writer).
+                host (a save in progress by another writer). On a remote file system
+                with a ``stale_temp_seconds`` attribute (:class:`FsspecFileSystem`),
+                also skip temporary files younger than that: pids only name processes
+                of this host, and another host's save may be committing them.
 
         Returns the removed paths. Only names matching the temporary pattern are touched.
         """
@@ -244,6 +254,7 @@ class Storage:
             names = list(self.fs.list(directory))
         except (FileNotFoundError, NotADirectoryError):
             return removed
+        grace = float(getattr(self.fs, "stale_temp_seconds", 0.0)) if only_dead else 0.0
         for name in names:
             if is_temp_name(name) and not (only_dead and temp_owner_alive(name)):
                 path = os.path.join(directory, name)
@@ -253,6 +264,15 @@ class Storage:
                             continue
                     except FileNotFoundError:
                         continue
+                elif grace > 0 and not self._older_than(path, grace):
+                    continue
                 self.remove_quietly(path)
                 removed.append(path)
         return removed
+
+    def _older_than(self, path: str, seconds: float) -> bool:
+        """Whether ``path`` was last modified more than ``seconds`` ago (remote fs)."""
+        try:
+            return time.time() - float(self.fs.stat(path).last_modified) > seconds
+        except Exception:  # vanished, or no usable time: leave it alone
+            return False
