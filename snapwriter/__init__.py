@@ -16,6 +16,7 @@ from ._exceptions import SnapshotLostError as SnapshotLostError
 from ._exceptions import SnapshotWriteError as SnapshotWriteError
 from ._exceptions import StagingError as StagingError
 from ._exceptions import WriterClosedError as WriterClosedError
+from ._fsspec import FsspecFileSystem as FsspecFileSystem
 from ._handle import SnapshotHandle as SnapshotHandle
 from ._handle import SnapshotResult as SnapshotResult
 from ._paths import is_temp_name as is_temp_name
@@ -36,6 +37,7 @@ __all__ = (
     "EXIT_TIMEOUT_ENV",
     "ChildProcessFailure",
     "FileStat",
+    "FsspecFileSystem",
     "InvalidSnapshotArgument",
     "LocalFileSystem",
     "ProcessQueueWriter",

@@ -33,7 +33,7 @@ from ._exceptions import (
 )
 from ._fsspec import resolve_filesystem
 from ._handle import SnapshotHandle, SnapshotResult, await_any
-from ._paths import Destination, resolve_destination
+from ._paths import Destination, is_url, resolve_destination
 from ._portal import Portal, register_for_exit
 from ._retention import apply_retention, check_keep_last, default_pattern
 from ._save import SaveRequest, WriteOutcome, execute_save
@@ -93,10 +93,13 @@ class Writer:
     hooks and error reporting.
 
     Args:
-        fs: the file system: ``None`` for the local one (:class:`LocalFileSystem`), or
-            any object with ppe's file-system interface (PFIO-compatible).
-        out_dir: the output directory. When non-empty it takes precedence over the
-            ``out_dir`` given to each call; when empty, the call's is used.
+        fs: the file system: ``None`` for the local one (:class:`LocalFileSystem`), an
+            fsspec file system (wrapped in :class:`FsspecFileSystem`), or any object with
+            ppe's file-system interface (PFIO-compatible).
+        out_dir: the output directory; with ``fs=None`` it may be a URL
+            (``s3://bucket/run``, ``memory://run``) resolved through fsspec. When
+            non-empty it takes precedence over the ``out_dir`` given to each call; when
+            empty, the call's (a path, not a URL) is used.
         durable: ``fsync`` each file and its directory before reporting success. Turn
             off only when losing recent snapshots on power loss is acceptable.
         keep_last: after each commit, delete all but the ``keep_last`` newest committed
@@ -366,7 +369,13 @@ class Writer:
             raise InvalidSnapshotArgument(
                 f"out_dir must be a str or os.PathLike, not {type(out_dir).__name__}"
             )
-        return os.fspath(out_dir)
+        path = os.fspath(out_dir)
+        if is_url(path):
+            raise InvalidSnapshotArgument(
+                f"out_dir {path!r} is a URL: give URLs to the writer's constructor "
+                "(StandardWriter(out_dir=...)); a call's out_dir is a path on the writer's fs"
+            )
+        return path
 
     def _destination(self, filename: Any, out_dir: Any) -> Destination:
         return resolve_destination(self._effective_out_dir(out_dir), filename)

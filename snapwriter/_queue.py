@@ -17,7 +17,7 @@ import torch
 from ._base import SaveFun, _Job
 from ._process import ConsumerProcess, MpContext
 from ._save import WriteOutcome
-from ._standard import StandardWriter
+from ._standard import StandardWriter, _check_shareable
 
 __all__ = ("ProcessQueueWriter", "QueueWriter", "ThreadQueueWriter")
 
@@ -125,6 +125,7 @@ class ProcessQueueWriter(QueueWriter):
         **kwds: Any,
     ) -> None:
         super().__init__(savefun, fs, out_dir, task, **kwds)
+        _check_shareable(self.fs, type(self).__name__)
         self._consumer = ConsumerProcess(mp_context, self._task)
 
     async def _write_job(self, job: _Job) -> WriteOutcome:

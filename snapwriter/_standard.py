@@ -31,6 +31,15 @@ def _check_max_pending(value: Any) -> int:
     return value
 
 
+def _check_shareable(fs: Any, writer: str) -> None:
+    """Process writers need a file system other processes see (not ``memory://``)."""
+    if getattr(fs, "process_local", False):
+        raise InvalidSnapshotArgument(
+            f"{writer} writes in another process, but this file system ({fs!r}) exists only "
+            "in this process: use a thread-based writer (StandardWriter, QueueWriter)"
+        )
+
+
 class _ThreadWorker(threading.Thread):
     """What :meth:`StandardWriter.create_worker` returns: a thread running ``save()``.
 
@@ -297,6 +306,7 @@ class ProcessWriter(StandardWriter):
         **kwds: Any,
     ) -> None:
         super().__init__(savefun, fs, out_dir, **kwds)
+        _check_shareable(self.fs, type(self).__name__)
         self._mp_context = mp_context
 
     def create_worker(

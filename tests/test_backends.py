@@ -388,14 +388,14 @@ def test_every_writer_on_memory(
 ) -> None:
     backend = _make_backend("memory", request, tmp_path)
     state = make_state()
-    w = FACTORIES[name](keep_last=2, **backend.writer_kwargs())
-    finalize_later.append(w)
     if name in _PROCESS_WRITERS:
-        # A child process cannot write into this process's memory: refused, not lost.
+        # A child process cannot write into this process's memory: refused at construction.
         with pytest.raises(snapwriter.InvalidSnapshotArgument, match="another process"):
-            w("snap_1.pt", "", state).result()
+            FACTORIES[name](keep_last=2, **backend.writer_kwargs())
         assert backend.names() == []
         return
+    w = FACTORIES[name](keep_last=2, **backend.writer_kwargs())
+    finalize_later.append(w)
     for i in (1, 2, 3):
         w(f"snap_{i}.pt", "", state).result()
     w.finalize()

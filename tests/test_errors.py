@@ -249,3 +249,14 @@ def test_finalize_timeout_reports_lost(tmp_path: Path) -> None:
     release.set()
     w.finalize()  # a later finalize waits for what is left
     assert w.closed and load(tmp_path / "slow.pt") == 1
+
+
+def test_url_out_dir_in_a_call_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    w = snapwriter.StandardWriter()
+    with pytest.raises(snapwriter.InvalidSnapshotArgument, match="constructor"):
+        w("a.pt", "memory://run", {"x": 1})
+    with pytest.raises(snapwriter.InvalidSnapshotArgument, match="constructor"):
+        w.initialize("s3://bucket/run")
+    w.finalize()
+    assert list(tmp_path.iterdir()) == []  # no stray local "s3:" directory
