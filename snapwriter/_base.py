@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -45,6 +45,7 @@ __all__ = ("Writer", "WriterStats")
 logger = logging.getLogger("snapwriter")
 
 SaveFun = Callable[..., Any]
+_W = TypeVar("_W", bound="Writer")
 HookFun = Callable[[], None]
 
 
@@ -286,7 +287,7 @@ class Writer:
         with self._lock:
             return WriterStats(**vars(self._stats))
 
-    def __enter__(self) -> Writer:
+    def __enter__(self: _W) -> _W:
         return self
 
     def __exit__(
@@ -297,7 +298,7 @@ class Writer:
     ) -> None:
         self.finalize()
 
-    async def __aenter__(self) -> Writer:
+    async def __aenter__(self: _W) -> _W:
         return self
 
     async def __aexit__(

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._discovery import SnapshotEntry, list_snapshots
-from ._paths import temp_owner_alive
+from ._paths import is_url, temp_owner_alive
 from ._storage import LocalFileSystem, Storage
 
 __all__ = (
@@ -71,7 +71,7 @@ def _filesystem(location: str) -> tuple[Any, str]:
     Raises:
         UsageError: ``location`` is a URL.
     """
-    if "://" in location:
+    if is_url(location):
         raise UsageError(f"URLs are not supported yet: {location}")
     return LocalFileSystem(), location
 
@@ -278,9 +278,10 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     if args.dry_run:
         removed = [e.path for e in temps if e not in kept]
     else:
-        cleaned = Storage(fs).clean_temps(directory, only_dead=not args.all)
-        failed = [p for p in cleaned if fs.exists(p)]  # clean_temps hides failed removals
-        removed = [p for p in cleaned if p not in failed]
+        removed = Storage(fs).clean_temps(directory, only_dead=not args.all)
+        failed = [
+            e.path for e in temps if e not in kept and e.path not in removed and fs.exists(e.path)
+        ]
     for path in removed:
         print(f"{'would remove' if args.dry_run else 'removed'}  {path}")
     for path in failed:

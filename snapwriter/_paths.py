@@ -31,7 +31,19 @@ __all__ = (
 #: ``autoload``) never mistake it for a snapshot. The pid of the writing process lets a
 #: clean-up leave alone the temporary files of saves still running in live processes.
 TEMP_MARKER = ".snapwriter-tmp-"
-_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]{16}$")
+_TEMP_RE = re.compile(r"^\..+" + re.escape(TEMP_MARKER) + r"(\d+)-([0-9a-f]{16})$")
+
+#: Drawn per process (again after fork): tells this process's temporary files from those
+#: of a crashed earlier process that had the same pid (PID 1 in containers).
+_PROCESS_TOKEN = secrets.token_hex(4)
+
+
+def _new_process_token() -> None:
+    global _PROCESS_TOKEN
+    _PROCESS_TOKEN = secrets.token_hex(4)
+
+
+os.register_at_fork(after_in_child=_new_process_token)
 #: A URL (``s3://bucket/run``) or an fsspec chained URL (``simplecache::s3://...``).
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(://|::)")
 
@@ -43,7 +55,7 @@ def is_url(path: str) -> bool:
 
 def temp_name_for(basename: str) -> str:
     """Return a fresh temporary name, in the same directory, for ``basename``."""
-    return f".{basename}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(8)}"
+    return f".{basename}{TEMP_MARKER}{os.getpid()}-{_PROCESS_TOKEN}{secrets.token_hex(4)}"
 
 
 def is_temp_name(name: str) -> bool:
@@ -57,11 +69,13 @@ def temp_owner_alive(name: str) -> bool:
     if match is None:
         return False
     pid = int(match.group(1))
-    if pid == os.getpid():
-        return True
+    if pid <= 0:
+        return False
+    if pid == os.getpid():  # ours only if this very process (not a namesake) made it
+        return match.group(2).startswith(_PROCESS_TOKEN)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

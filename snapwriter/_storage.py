@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
 import shutil
 import stat as stat_module
@@ -43,6 +44,8 @@ from ._paths import (
 )
 
 __all__ = ("FileStat", "LocalFileSystem", "Storage")
+
+logger = logging.getLogger("snapwriter")
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,13 @@ class Storage:
                         continue
                 elif grace > 0 and not self._older_than(path, grace):
                     continue
-                self.remove_quietly(path)
+                try:
+                    self.fs.remove(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                except OSError as exc:
+                    logger.warning("snapwriter: cannot remove temporary file %s: %s", path, exc)
+                    continue
                 removed.append(path)
         return removed
 

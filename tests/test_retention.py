@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import snapwriter
+from snapwriter._paths import temp_name_for
 from snapwriter._retention import default_pattern
 from tests.conftest import WriterFactory
 
@@ -35,7 +36,7 @@ def test_keep_last_keeps_newest_n(make_writer: WriterFactory, tmp_path: Path) ->
 
 
 def test_temporary_files_do_not_count_and_are_not_deleted_by_retention(tmp_path: Path) -> None:
-    live_tmp = tmp_path / f".snapshot_1.pt.snapwriter-tmp-{os.getpid()}-{'a' * 16}"
+    live_tmp = tmp_path / temp_name_for("snapshot_1.pt")  # a save in progress here
     live_tmp.write_bytes(b"in progress elsewhere in this process")
     with snapwriter.StandardWriter(out_dir=str(tmp_path), keep_last=2) as w:
         for i in range(4):

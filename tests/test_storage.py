@@ -34,7 +34,7 @@ def test_temp_names() -> None:
 
 def test_initialize_removes_only_dead_leftovers(tmp_path: Path) -> None:
     dead = tmp_path / f".a.pt.snapwriter-tmp-{_dead_pid()}-{'0' * 16}"
-    alive = tmp_path / f".b.pt.snapwriter-tmp-{os.getpid()}-{'1' * 16}"
+    alive = tmp_path / temp_name_for("b.pt")  # a save in progress in this process
     lookalike = tmp_path / ".c.pt.snapwriter-tmp-"
     for p in (dead, alive, lookalike):
         p.write_bytes(b"x")
@@ -64,3 +64,31 @@ def test_directory_fsync_and_replace_leave_only_final(tmp_path: Path) -> None:
         for _ in range(3):
             w("same.pt", "", {"x": torch.ones(2)})
     assert os.listdir(tmp_path) == ["same.pt"]
+
+
+def test_temp_owner_liveness_edge_cases(tmp_path: Path) -> None:
+    from snapwriter._paths import temp_owner_alive
+
+    mine = temp_name_for("x.pt")
+    assert temp_owner_alive(mine)  # this process, this run: alive
+    namesake = f".x.pt.snapwriter-tmp-{os.getpid()}-{'f' * 16}"  # same pid, earlier run
+    assert snapwriter.is_temp_name(namesake) and not temp_owner_alive(namesake)
+    assert not temp_owner_alive(f".x.pt.snapwriter-tmp-0-{'0' * 16}")
+    huge = f".x.pt.snapwriter-tmp-99999999999999-{'0' * 16}"
+    assert not temp_owner_alive(huge)
+    (tmp_path / huge).write_bytes(b"x")
+    (tmp_path / namesake).write_bytes(b"x")
+    assert sorted(Storage(LocalFileSystem()).clean_temps(str(tmp_path))) == sorted(
+        [str(tmp_path / huge), str(tmp_path / namesake)]
+    )
+
+
+def test_clean_temps_reports_only_what_it_removed(tmp_path: Path) -> None:
+    class Stubborn(LocalFileSystem):
+        def remove(self, file_path: str, recursive: bool = False) -> None:
+            raise PermissionError(13, "Permission denied", file_path)
+
+    leftover = tmp_path / f".a.pt.snapwriter-tmp-{_dead_pid()}-{'0' * 16}"
+    leftover.write_bytes(b"x")
+    assert Storage(Stubborn()).clean_temps(str(tmp_path)) == []
+    assert leftover.exists()

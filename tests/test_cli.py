@@ -1,0 +1,244 @@
+"""The command line, run as ``python -m snapwriter`` on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapwriter import LocalFileSystem, StandardWriter
+from snapwriter import _cli as cli
+from snapwriter._cli import main
+
+DEAD_PID = 2**22 + 12345  # above Linux's pid_max: no process has it
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snapwriter", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def temp_leftover(directory: Path, final_name: str, pid: int) -> Path:
+    path = directory / f".{final_name}.snapwriter-tmp-{pid}-0123456789abcdef"
+    path.write_bytes(b"half a snapshot")
+    return path
+
+
+@pytest.fixture
+def snapdir(tmp_path: Path) -> Path:
+    """Three good snapshots (mtimes 1000, 2000, 3000), a truncated one (4000), a leftover."""
+    directory = tmp_path / "run"
+    with StandardWriter(out_dir=str(directory)) as writer:
+        for i in range(3):
+            writer(f"snapshot_iter_{i}.pt", "", {"w": torch.full((256,), float(i)), "step": i})
+    good = (directory / "snapshot_iter_2.pt").read_bytes()
+    (directory / "snapshot_iter_3.pt").write_bytes(good[: len(good) // 2])
+    for i in range(4):
+        os.utime(directory / f"snapshot_iter_{i}.pt", (1000.0 * (i + 1),) * 2)
+    temp_leftover(directory, "snapshot_iter_4.pt", DEAD_PID)
+    return directory
+
+
+def test_ls_table(snapdir: Path) -> None:
+    proc = run_cli("ls", snapdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "MODIFIED", "STATUS"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert names[:4] == [f"snapshot_iter_{i}.pt" for i in range(4)]  # oldest first
+    assert lines[1].endswith("complete")
+    assert lines[1].split()[3].startswith(("1970-01-01T", "1969-12-31T"))  # mtime 1000, local
+    leftover = next(line for line in lines if line.startswith(".snapshot_iter_4.pt"))
+    assert leftover.endswith("temp leftover")
+
+
+def test_ls_json_and_pattern(snapdir: Path) -> None:
+    (snapdir / "log").write_text("[]")
+    proc = run_cli("ls", snapdir, "--json", "--pattern", "snapshot_iter_*")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    by_name = {r["name"]: r for r in records}
+    assert "log" not in by_name
+    first = by_name["snapshot_iter_0.pt"]
+    assert first["size"] == (snapdir / "snapshot_iter_0.pt").stat().st_size
+    assert first["status"] == "complete"
+    assert first["timestamp"] == 1000.0
+    assert first["mtime"].startswith(("1970-01-01T", "1969-12-31T"))
+    statuses = [r["status"] for r in records if r["name"].startswith(".")]
+    assert statuses == ["temp leftover"]
+
+
+def test_ls_marks_temp_of_running_writer_in_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    temp_leftover(tmp_path, "a.pt", os.getppid())  # our parent process is alive
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in records] == ["in progress"]
+
+
+def test_verify_directory_reports_damaged(snapdir: Path) -> None:
+    proc = run_cli("verify", snapdir)
+    assert proc.returncode == 1
+    status = {line.split()[1]: line.split()[0] for line in proc.stdout.splitlines()[:-1]}
+    assert status == {
+        "snapshot_iter_0.pt": "OK",
+        "snapshot_iter_1.pt": "OK",
+        "snapshot_iter_2.pt": "OK",
+        "snapshot_iter_3.pt": "DAMAGED",
+    }  # the temporary leftover is skipped, not reported damaged
+    assert proc.stdout.splitlines()[-1] == "4 checked: 3 OK, 1 damaged"
+    assert "skipping 1 temporary file" in proc.stderr
+
+    (snapdir / "snapshot_iter_3.pt").unlink()
+    proc = run_cli("verify", snapdir)
+    assert proc.returncode == 0, proc.stdout
+    assert "loaded" in proc.stdout
+
+
+def test_verify_quick_catches_flipped_bit(snapdir: Path) -> None:
+    path = snapdir / "snapshot_iter_1.pt"
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + 100] ^= 0xFF  # inside the tensor bytes
+    path.write_bytes(bytes(data))
+    proc = run_cli("verify", snapdir, "--quick", "--pattern", "snapshot_iter_[012].pt")
+    assert proc.returncode == 1
+    damaged = [line for line in proc.stdout.splitlines() if line.startswith("DAMAGED")]
+    assert len(damaged) == 1
+    assert "snapshot_iter_1.pt" in damaged[0]
+    assert "CRC" in damaged[0]
+    assert "loaded" not in proc.stdout
+
+
+def test_verify_single_file(snapdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ok = run_cli("verify", snapdir / "snapshot_iter_0.pt")
+    assert ok.returncode == 0
+    assert ok.stdout.startswith("OK")
+    assert main(["verify", "--quick", str(snapdir / "snapshot_iter_3.pt")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DAMAGED")
+    assert "not a zip archive" in out
+
+
+def test_verify_loads_legacy_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    assert main(["verify", str(path)]) == 0
+    assert "legacy" in capsys.readouterr().out
+
+
+def test_latest(snapdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_cli("latest", snapdir, "--pattern", "snapshot_iter_*")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == str(snapdir / "snapshot_iter_3.pt")  # newest, temp ignored
+    assert main(["latest", str(snapdir), "--pattern", "snapshot_iter_*", "--verified"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(snapdir / "snapshot_iter_2.pt")  # newest intact one
+    assert "skipping damaged" in err
+
+
+def test_latest_none(snapdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["latest", str(snapdir), "--pattern", "model_*"]) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_clean_dry_run_then_clean(snapdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dead = snapdir / f".snapshot_iter_4.pt.snapwriter-tmp-{DEAD_PID}-0123456789abcdef"
+    live = temp_leftover(snapdir, "snapshot_iter_5.pt", os.getppid())  # a live process
+
+    assert main(["clean", str(snapdir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove  {dead}" in out
+    assert f"kept  {live}" in out
+    assert dead.exists()
+
+    proc = run_cli("clean", snapdir)
+    assert proc.returncode == 0
+    assert f"removed  {dead}" in proc.stdout
+    assert f"kept  {live}" in proc.stdout
+    assert not dead.exists()
+    assert live.exists()
+    assert sorted(p.name for p in snapdir.iterdir() if not p.name.startswith(".")) == [
+        f"snapshot_iter_{i}.pt" for i in range(4)
+    ]
+
+    assert main(["clean", str(snapdir), "--all"]) == 0
+    assert f"removed  {live}" in capsys.readouterr().out
+    assert not live.exists()
+
+
+def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_cli("verify", tmp_path / "nope")
+    assert proc.returncode == 2
+    assert "no such file or directory" in proc.stderr
+
+
+def test_no_command_is_a_usage_error() -> None:
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr
+
+
+# In-process: argument handling of main() itself.
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "latest", "clean"])
+def test_each_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    assert f"usage: snapwriter {command}" in capsys.readouterr().out
+
+
+def test_bad_option_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", "--bogus", "x"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ls", "latest", "clean"])
+def test_missing_directory_in_process(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", "s3://bucket/run"]) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", str(tmp_path)]) == 0
+    assert main(["verify", str(tmp_path)]) == 0
+    assert main(["latest", str(tmp_path)]) == 1
+    assert main(["clean", str(tmp_path)]) == 0
+    assert main(["ls", "--json", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "[]"
+
+
+def test_clean_reports_what_it_could_not_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class ReadOnlyFileSystem(LocalFileSystem):
+        def remove(self, file_path: str, recursive: bool = False) -> None:
+            raise PermissionError(13, "Permission denied", file_path)
+
+    monkeypatch.setattr(cli, "_filesystem", lambda location: (ReadOnlyFileSystem(), location))
+    leftover = temp_leftover(tmp_path, "a.pt", DEAD_PID)
+    assert main(["clean", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"could not remove  {leftover}" in err
+    assert out.splitlines()[-1] == "0 removed, 0 kept, 1 failed"
+    assert leftover.exists()
