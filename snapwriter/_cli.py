@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._discovery import SnapshotEntry, list_snapshots
-from ._paths import is_url, temp_owner_alive
-from ._storage import LocalFileSystem, Storage
+from ._fsspec import resolve_filesystem
+from ._paths import temp_owner_alive
+from ._storage import Storage
 
 __all__ = (
     "EXIT_OK",
@@ -65,15 +66,17 @@ class DamagedSnapshot(Exception):
 def _filesystem(location: str) -> tuple[Any, str]:
     """Return the file system holding ``location`` and the path within it.
 
-    The one place that maps locations to file systems: URLs (``s3://...``) would map to
-    an fsspec file system here.
+    The one place that maps locations to file systems: a plain path is local, a URL
+    (``s3://bucket/run``, ``memory://run``) goes through fsspec like a writer's
+    ``out_dir``.
 
     Raises:
-        UsageError: ``location`` is a URL.
+        UsageError: ``location`` is a URL and fsspec (or its backend) is missing.
     """
-    if is_url(location):
-        raise UsageError(f"URLs are not supported yet: {location}")
-    return LocalFileSystem(), location
+    try:
+        return resolve_filesystem(None, location)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _require_dir(fs: Any, directory: str) -> None:
@@ -319,7 +322,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "'complete', 'temp leftover' (a crashed save) or 'in progress' (a temporary "
         "file whose writer process still runs).",
     )
-    ls.add_argument("dir", metavar="DIR", help="snapshot directory")
+    ls.add_argument("dir", metavar="DIR", help="snapshot directory or URL (s3://bucket/run)")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     ls.set_defaults(run=_cmd_ls)
 
@@ -397,3 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return EXIT_PROBLEM
+    except Exception as exc:  # the storage could not be reached (credentials, network...)
+        print(
+            f"snapwriter {args.command}: error: cannot read "
+            f"{getattr(args, 'dir', None) or getattr(args, 'path', '')!r}: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE

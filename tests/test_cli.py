@@ -214,9 +214,17 @@ def test_missing_directory_in_process(
     assert "no such directory" in capsys.readouterr().err
 
 
-def test_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_store_is_a_clean_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
     assert main(["ls", "s3://bucket/run"]) == 2
-    assert "not supported" in capsys.readouterr().err
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,3 +250,21 @@ def test_clean_reports_what_it_could_not_remove(
     assert f"could not remove  {leftover}" in err
     assert out.splitlines()[-1] == "0 removed, 0 kept, 1 failed"
     assert leftover.exists()
+
+
+def test_commands_accept_fsspec_urls(capsys: pytest.CaptureFixture[str]) -> None:
+    """ls / latest / verify / clean on a memory:// URL (in-process: memory is per process)."""
+    import snapwriter
+
+    with snapwriter.StandardWriter(out_dir="memory://cli-run") as w:
+        for i in range(3):
+            w(f"snapshot_{i}.pt", "", {"i": torch.tensor(i)})
+    assert main(["ls", "memory://cli-run", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == [f"snapshot_{i}.pt" for i in range(3)]
+    assert {r["status"] for r in records} == {"complete"}
+    assert main(["latest", "memory://cli-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("cli-run/snapshot_2.pt")
+    assert main(["verify", "memory://cli-run"]) == 0
+    assert main(["clean", "memory://cli-run"]) == 0
+    assert main(["ls", "memory://no-such-run"]) == 2
