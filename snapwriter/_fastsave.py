@@ -19,6 +19,7 @@ import collections
 import io
 import pickle
 import sys
+import time
 from typing import IO, Any
 
 import torch
@@ -46,9 +47,14 @@ class _StorageRef:
         self.location = location
 
 
+#: Tensors pickled between two voluntary releases of the GIL (see ``reducer_override``).
+_YIELD_EVERY = 16
+
+
 class _Pickler(pickle.Pickler):
     def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file, protocol=_PROTOCOL)
+        self._count = 0
         self.storages: dict[str, torch.UntypedStorage] = {}
         self._refs: dict[int, _StorageRef] = {}
         self._hooks: collections.OrderedDict[Any, Any] = collections.OrderedDict()
@@ -76,6 +82,12 @@ class _Pickler(pickle.Pickler):
             or obj.__dict__
         ):
             raise _Fallback("tensor that torch.save treats specially")
+        self._count += 1
+        if self._count % _YIELD_EVERY == 0:
+            # Pickling runs under the GIL. Left alone, this thread keeps it for whole
+            # switch intervals (5 ms) and a training loop that releases it in every
+            # torch op waits that long each time; a short sleep hands it over now.
+            time.sleep(0)
         return (
             torch._utils._rebuild_tensor_v2,
             (
