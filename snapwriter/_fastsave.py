@@ -15,7 +15,6 @@ The resulting file loads with plain ``torch.load`` (``weights_only=True`` includ
 
 from __future__ import annotations
 
-import collections
 import io
 import pickle
 import sys
@@ -57,7 +56,6 @@ class _Pickler(pickle.Pickler):
         self._count = 0
         self.storages: dict[str, torch.UntypedStorage] = {}
         self._refs: dict[int, _StorageRef] = {}
-        self._hooks: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is _StorageRef:
@@ -96,7 +94,7 @@ class _Pickler(pickle.Pickler):
                 tuple(obj.size()),
                 obj.stride(),
                 False,
-                self._hooks,
+                None,  # backward hooks: what a fresh tensor has; never one shared table
             ),
         )
 

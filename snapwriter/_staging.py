@@ -20,6 +20,7 @@ handed out under a lock; one arena is never used by two pending snapshots.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import threading
 import time
@@ -156,6 +157,18 @@ class Stager:
                 original exception is chained.
         """
         start = time.perf_counter()
+        # Staging makes a few Python objects per tensor; with tens of thousands of tensors
+        # the cyclic collector would run several full passes during the call. None of
+        # these objects form cycles: pause it for the call.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._stage(target, check_pickle, start)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _stage(self, target: Any, check_pickle: bool, start: float) -> StagedTarget:
         tensors: list[torch.Tensor] = []
         seen: dict[int, int] = {}
         try:

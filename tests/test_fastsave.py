@@ -98,3 +98,15 @@ def test_attribute_carrying_tensor_falls_back() -> None:
     t.note = "kept"  # type: ignore[attr-defined]
     loaded = _round_trip({"t": t}, weights_only=False)
     assert loaded["t"].note == "kept"
+
+
+def test_loaded_tensors_do_not_share_hook_tables() -> None:
+    loaded = _round_trip({"a": torch.ones(2), "b": torch.ones(2)}, weights_only=True)
+    a = loaded["a"].requires_grad_()
+    b = loaded["b"].requires_grad_()
+    fired: list[str] = []
+    a.register_hook(lambda g: fired.append("a") or g)
+    (b * 2).sum().backward()
+    assert fired == []  # a hook on `a` never fires for a backward through `b`
+    (a * 2).sum().backward()
+    assert fired == ["a"]
