@@ -179,6 +179,7 @@ class Storage:
         Raises:
             InvalidSnapshotArgument: the destination escapes ``out_dir`` through a
                 symbolic link or is a directory (local file system; nothing written).
+            ValueError: ``savefun`` wrote no byte (an empty snapshot is refused).
             Whatever ``savefun`` or the file system raised; the temporary file is removed.
         """
         self._check(dest)
@@ -189,6 +190,12 @@ class Storage:
                 savefun(target, f, **kwds)
                 f.flush()
                 nbytes = f.tell()
+                if nbytes == 0:
+                    # An empty file committed over a good snapshot destroys it silently.
+                    raise ValueError(
+                        f"savefun {getattr(savefun, '__name__', savefun)!r} wrote nothing; "
+                        f"refusing to replace {dest.path!r} with an empty file"
+                    )
                 if self.durable:
                     _fsync_file(f)
         except BaseException:

@@ -260,3 +260,16 @@ def test_url_out_dir_in_a_call_is_rejected(tmp_path: Path, monkeypatch: pytest.M
         w.initialize("s3://bucket/run")
     w.finalize()
     assert list(tmp_path.iterdir()) == []  # no stray local "s3:" directory
+
+
+def test_savefun_that_writes_nothing_is_refused(tmp_path: Path) -> None:
+    _write_previous(tmp_path)
+
+    def nothing(target: Any, f: Any) -> None:
+        pass
+
+    with snapwriter.StandardWriter(out_dir=str(tmp_path), savefun=nothing) as w:
+        with pytest.raises(snapwriter.SnapshotWriteError, match="wrote nothing") as info:
+            w("snap.pt", "", {"x": 1}).result()
+        assert isinstance(info.value.__cause__, ValueError)
+    _assert_previous_intact(tmp_path)
