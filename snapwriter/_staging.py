@@ -88,11 +88,14 @@ class _Arena:
         flats: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
         for key, total in totals.items():
             old = self.flats.get(key)
-            if old is not None and old.numel() >= total:
+            if old is not None and old.numel() == max(total, 1):
                 flats[key] = old
             else:
+                # Exactly sized: the whole buffer is what torch.save writes, so a bigger
+                # one would carry stale bytes of an earlier snapshot into this file.
+                # Zeroed once per allocation: the alignment gaps never hold old memory.
                 dtype, pinned = key
-                flats[key] = torch.empty(max(total, 1), dtype=dtype, pin_memory=pinned)
+                flats[key] = torch.zeros(max(total, 1), dtype=dtype, pin_memory=pinned)
                 self.allocations += 1
         views = []
         for (dtype, shape, pinned), start in zip(sig, offsets, strict=True):

@@ -214,3 +214,13 @@ def test_staging_error_releases_the_slot(tmp_path: Path) -> None:
                 w("snap.pt", "", {"bad": lambda: None})
         w("snap.pt", "", {"ok": 1}).result()
     assert load(tmp_path / "snap.pt") == {"ok": 1}
+
+
+def test_small_snapshot_after_big_one_carries_no_stale_bytes(tmp_path: Path) -> None:
+    with snapwriter.StandardWriter(out_dir=str(tmp_path)) as w:
+        w("big.pt", "", {"x": torch.full((1_000_000,), 7.0)}).result()
+        w("small.pt", "", {"x": torch.full((10,), 2.0)}).result()
+    assert (tmp_path / "small.pt").stat().st_size < 64 * 1024
+    raw = (tmp_path / "small.pt").read_bytes()
+    assert torch.tensor(7.0).numpy().tobytes() * 4 not in raw  # nothing of the big state
+    assert torch.equal(load(tmp_path / "small.pt")["x"], torch.full((10,), 2.0))
