@@ -15,6 +15,7 @@ The resulting file loads with plain ``torch.load`` (``weights_only=True`` includ
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sys
@@ -127,15 +128,23 @@ def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
     data = buffer.getvalue()
     alignment = str(torch.serialization._get_storage_alignment())
     writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), int(alignment))
-    writer.write_record("data.pkl", data, len(data))
-    for name, text in (
-        (".format_version", "1"),
-        (".storage_alignment", alignment),
-        ("byteorder", sys.byteorder),
-    ):
-        writer.write_record(name, text.encode(), len(text))
-    for key, storage in pickler.storages.items():
-        # the Storage overload copies and computes the CRC without holding the GIL
-        writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
-    writer.write_end_of_file()
+    try:
+        writer.write_record("data.pkl", data, len(data))
+        for name, text in (
+            (".format_version", "1"),
+            (".storage_alignment", alignment),
+            ("byteorder", sys.byteorder),
+        ):
+            writer.write_record(name, text.encode(), len(text))
+        for key, storage in pickler.storages.items():
+            # the Storage overload copies and computes the CRC without holding the GIL
+            writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
+        writer.write_end_of_file()
+    except BaseException:
+        # Mark the archive finished before the writer is collected: its C++ destructor
+        # would otherwise retry the end of file, fail again (disk full...) and abort the
+        # whole process from a destructor.
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
     f.flush()

@@ -110,3 +110,27 @@ def test_loaded_tensors_do_not_share_hook_tables() -> None:
     assert fired == []  # a hook on `a` never fires for a backward through `b`
     (a * 2).sum().backward()
     assert fired == ["a"]
+
+
+def test_write_failure_raises_and_never_aborts_the_process() -> None:
+    """A disk-full error in the middle must surface as OSError, not abort in a destructor."""
+    import errno
+    import gc
+
+    class Full(io.RawIOBase):
+        def __init__(self) -> None:
+            self.written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(b)
+            return len(b)
+
+    state = {"a": torch.ones(1000), "b": torch.zeros(1000)}
+    with pytest.raises(OSError, match="No space"):
+        fast_torch_save(state, Full())  # type: ignore[arg-type]
+    gc.collect()  # the writer's destructor runs here: the process must survive it
