@@ -20,10 +20,10 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from ._exceptions import ChildProcessFailure
+from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
 
-__all__ = ("ConsumerProcess", "ProcessWorker", "get_context")
+__all__ = ("ConsumerProcess", "ProcessWorker", "check_context", "get_context")
 
 MpContext = BaseContext | str | None
 
@@ -33,6 +33,30 @@ def get_context(context: MpContext) -> BaseContext:
     if context is None or isinstance(context, str):
         return multiprocessing.get_context(context)
     return context
+
+
+def check_context(context: Any) -> MpContext:
+    """Validate a writer's ``mp_context`` option at construction.
+
+    Raises:
+        InvalidSnapshotArgument: not ``None``, a start-method name of this platform or a
+            multiprocessing context.
+    """
+    if context is None or isinstance(context, BaseContext):
+        return context
+    if isinstance(context, str):
+        try:
+            multiprocessing.get_context(context)
+        except ValueError as exc:
+            methods = ", ".join(multiprocessing.get_all_start_methods())
+            raise InvalidSnapshotArgument(
+                f"mp_context {context!r} is not a start method here (one of: {methods})"
+            ) from exc
+        return context
+    raise InvalidSnapshotArgument(
+        f"mp_context must be None, a start-method name or a multiprocessing context, "
+        f"not {type(context).__name__}"
+    )
 
 
 def _describe_exit(exitcode: int | None) -> str:

@@ -15,7 +15,7 @@ import anyio.to_thread
 import torch
 
 from ._base import SaveFun, _Job
-from ._process import ConsumerProcess, MpContext
+from ._process import ConsumerProcess, MpContext, check_context
 from ._save import WriteOutcome
 from ._standard import StandardWriter, _check_shareable
 
@@ -126,7 +126,7 @@ class ProcessQueueWriter(QueueWriter):
     ) -> None:
         super().__init__(savefun, fs, out_dir, task, **kwds)
         _check_shareable(self.fs, type(self).__name__)
-        self._consumer = ConsumerProcess(mp_context, self._task)
+        self._consumer = ConsumerProcess(check_context(mp_context), self._task)
 
     async def _write_job(self, job: _Job) -> WriteOutcome:
         request = job.request

@@ -19,7 +19,7 @@ import torch
 from ._base import SaveFun, Writer, _Job
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
 from ._handle import SnapshotHandle, SnapshotResult, await_any
-from ._process import MpContext, ProcessWorker
+from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
 
 __all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
@@ -307,7 +307,7 @@ class ProcessWriter(StandardWriter):
     ) -> None:
         super().__init__(savefun, fs, out_dir, **kwds)
         _check_shareable(self.fs, type(self).__name__)
-        self._mp_context = mp_context
+        self._mp_context = check_context(mp_context)
 
     def create_worker(
         self,

@@ -146,6 +146,26 @@ def _fsync_file(f: IO[Any]) -> None:
 _afsync_directory = aiofiles.os.wrap(fsync_directory)
 
 
+class _WriteErrorRecorder:
+    """The file object ``savefun`` gets: the real one, remembering the first ``OSError``
+    its ``write`` raised (serializers may re-raise it as something without errno)."""
+
+    def __init__(self, f: IO[Any]) -> None:
+        self._f = f
+        self.os_error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._f.write(data))
+        except OSError as exc:
+            if self.os_error is None:
+                self.os_error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 class Storage:
     """Runs the write/commit protocol over a file system.
 
@@ -185,9 +205,11 @@ class Storage:
         self._check(dest)
         self.fs.makedirs(dest.directory, exist_ok=True)
         tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
+        recorder: _WriteErrorRecorder | None = None
         try:
             with self.fs.open(tmp, "wb") as f:
-                savefun(target, f, **kwds)
+                recorder = _WriteErrorRecorder(f)
+                savefun(target, recorder, **kwds)
                 f.flush()
                 nbytes = f.tell()
                 if nbytes == 0:
@@ -198,8 +220,13 @@ class Storage:
                     )
                 if self.durable:
                     _fsync_file(f)
-        except BaseException:
+        except BaseException as exc:
             self.remove_quietly(tmp)
+            first = recorder.os_error if recorder is not None else None
+            if first is not None and first is not exc and not isinstance(exc, OSError):
+                # torch.save turns a failed write into a RuntimeError without errno:
+                # surface the OSError (ENOSPC, EIO...) itself.
+                raise first from exc
             raise
         return tmp, int(nbytes)
 

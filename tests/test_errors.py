@@ -273,3 +273,37 @@ def test_savefun_that_writes_nothing_is_refused(tmp_path: Path) -> None:
             w("snap.pt", "", {"x": 1}).result()
         assert isinstance(info.value.__cause__, ValueError)
     _assert_previous_intact(tmp_path)
+
+
+def test_errno_survives_torch_save_wrapping(tmp_path: Path) -> None:
+    """torch.save turns a failed write into RuntimeError; the OSError (errno) is what surfaces."""
+    import io as _io
+
+    class Failing(snapwriter.LocalFileSystem):
+        def open(self, file_path: str, mode: str = "r", buffering: int = -1, **kw: Any) -> Any:
+            f = super().open(file_path, mode, buffering, **kw)
+            if "w" not in mode:
+                return f
+
+            class Broken(_io.BufferedWriter):
+                def write(self, b: Any) -> int:
+                    raise OSError(errno.EIO, "injected EIO")
+
+            f.close()
+            return Broken(_io.FileIO(file_path, "w"))
+
+    state = {"p": torch.nn.Parameter(torch.ones(100))}  # a Parameter: plain torch.save runs
+    with snapwriter.StandardWriter(out_dir=str(tmp_path), fs=Failing()) as w:
+        with pytest.raises(snapwriter.SnapshotWriteError) as info:
+            w("snap.pt", "", state).result()
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.EIO
+    assert not (tmp_path / "snap.pt").exists()
+
+
+def test_bogus_mp_context_rejected_at_construction() -> None:
+    for cls in (snapwriter.ProcessWriter, snapwriter.ProcessQueueWriter):
+        with pytest.raises(snapwriter.InvalidSnapshotArgument, match="start method"):
+            cls(mp_context="bogus")
+        with pytest.raises(snapwriter.InvalidSnapshotArgument):
+            cls(mp_context=3)  # type: ignore[arg-type]
