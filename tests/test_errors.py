@@ -293,9 +293,11 @@ def test_errno_survives_torch_save_wrapping(tmp_path: Path) -> None:
             return Broken(_io.FileIO(file_path, "w"))
 
     state = {"p": torch.nn.Parameter(torch.ones(100))}  # a Parameter: plain torch.save runs
-    with snapwriter.StandardWriter(out_dir=str(tmp_path), fs=Failing()) as w:
-        with pytest.raises(snapwriter.SnapshotWriteError) as info:
-            w("snap.pt", "", state).result()
+    with (
+        snapwriter.StandardWriter(out_dir=str(tmp_path), fs=Failing()) as w,
+        pytest.raises(snapwriter.SnapshotWriteError) as info,
+    ):
+        w("snap.pt", "", state).result()
     cause = info.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == errno.EIO
     assert not (tmp_path / "snap.pt").exists()
