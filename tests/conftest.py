@@ -34,13 +34,12 @@ FACTORIES = _factories()
 BACKGROUND = [name for name in FACTORIES if name != "SimpleWriter"]
 
 
-@pytest.fixture(params=list(FACTORIES))
-def make_writer(request: pytest.FixtureRequest) -> Iterator[WriterFactory]:
-    """Every writer of the family; writers made are finalized at teardown."""
+def _writers_of(name: str) -> Iterator[WriterFactory]:
+    """Yield a factory of ``name`` writers; every writer it made is finalized after."""
     made: list[snapwriter.Writer] = []
 
     def make(**kw: Any) -> snapwriter.Writer:
-        w = FACTORIES[request.param](**kw)
+        w = FACTORIES[name](**kw)
         made.append(w)
         return w
 
@@ -50,20 +49,16 @@ def make_writer(request: pytest.FixtureRequest) -> Iterator[WriterFactory]:
             w.finalize()
 
 
+@pytest.fixture(params=list(FACTORIES))
+def make_writer(request: pytest.FixtureRequest) -> Iterator[WriterFactory]:
+    """Every writer of the family."""
+    yield from _writers_of(request.param)
+
+
 @pytest.fixture(params=BACKGROUND)
 def make_background_writer(request: pytest.FixtureRequest) -> Iterator[WriterFactory]:
     """Every writer whose call returns before the save finishes."""
-    made: list[snapwriter.Writer] = []
-
-    def make(**kw: Any) -> snapwriter.Writer:
-        w = FACTORIES[request.param](**kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        with contextlib.suppress(snapwriter.SnapshotError):
-            w.finalize()
+    yield from _writers_of(request.param)
 
 
 def make_state(n: int = 6, size: int = 1000, seed: int = 0) -> dict[str, Any]:
