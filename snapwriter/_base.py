@@ -9,6 +9,7 @@ without blocking the caller's loop.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import os
@@ -27,6 +28,7 @@ import torch
 
 from ._exceptions import (
     InvalidSnapshotArgument,
+    SnapshotError,
     SnapshotLostError,
     SnapshotWriteError,
     WriterClosedError,
@@ -46,6 +48,12 @@ logger = logging.getLogger("snapwriter")
 
 SaveFun = Callable[..., Any]
 _W = TypeVar("_W", bound="Writer")
+
+#: The writer whose save the current task (and the worker threads it runs savefun in)
+#: belongs to; lets a writer refuse calls from inside its own savefun.
+_saving_for: contextvars.ContextVar[Writer | None] = contextvars.ContextVar(
+    "snapwriter_saving_for", default=None
+)
 HookFun = Callable[[], None]
 
 
@@ -143,7 +151,7 @@ class Writer:
         self._lock = threading.RLock()
         self._state = _State.OPEN
         self._portal = Portal()
-        self._pending: dict[Future[SnapshotResult], str] = {}
+        self._pending: dict[Future[Any], str] = {}
         self._unreported: list[BaseException] = []
         self._initialized_dirs: set[str] = set()
         self._path_locks: dict[str, tuple[anyio.Lock, int]] = {}
@@ -201,7 +209,20 @@ class Writer:
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
         if self._portal.in_loop_thread():
             raise RuntimeError("Writer.save() cannot be called from the writer's own loop thread")
-        self._portal.call(self._save_now, request)
+        with self._lock:
+            # A worker started before finalize() may still save while the writer
+            # closes (finalize waits for it); once closed, nothing restarts the loop.
+            if self._state is not _State.CLOSING:
+                self._check_open()
+            future = self._portal.start_task_soon(self._save_now, request)
+            self._pending[future] = request.dest.path
+
+        def finished(f: Future[WriteOutcome]) -> None:
+            with self._lock:
+                self._pending.pop(f, None)
+
+        future.add_done_callback(finished)
+        future.result()
 
     def _add_cleanup_hook(self, hook_fun: HookFun) -> None:
         """Run ``hook_fun()`` after each committed save (ppe's ``n_retains`` uses this)."""
@@ -228,20 +249,27 @@ class Writer:
                 such failure; the others are named in the message and logged).
             SnapshotLostError: saves were still pending after ``timeout``.
         """
+        self._refuse_reentry("finalize()")
+        if self._portal.in_loop_thread():
+            raise RuntimeError("finalize() cannot be called from the writer's own loop thread")
         with self._lock:
             if self._state in (_State.CLOSED, _State.FORKED):
                 return
             self._state = _State.CLOSING
-            pending = list(self._pending)
-        if self._portal.in_loop_thread():
-            raise RuntimeError("finalize() cannot be called from the writer's own loop thread")
-        _done, not_done = wait_futures(pending, timeout=timeout)
-        if not_done:
-            paths = [self._pending.get(f, "?") for f in not_done]
-            raise SnapshotLostError(
-                f"{len(paths)} snapshot(s) still pending after {timeout}s: {', '.join(paths)}",
-                paths,
-            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # saves of workers already running may still join while closing
+            with self._lock:
+                pending = dict(self._pending)
+            if not pending:
+                break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _done, not_done = wait_futures(list(pending), timeout=left)
+            if not_done:
+                paths = [pending[f] for f in not_done]
+                raise SnapshotLostError(
+                    f"{len(paths)} snapshot(s) still pending after {timeout}s: {', '.join(paths)}",
+                    paths,
+                )
         self._stop_background()
         self._portal.stop()
         with self._lock:
@@ -351,7 +379,17 @@ class Writer:
 
     # -- helpers for subclasses ------------------------------------------------------
 
+    def _refuse_reentry(self, what: str) -> None:
+        """A ``savefun`` (or a clean-up hook) of this writer calling back into it would
+        wait for its own save: refuse instead of deadlocking."""
+        if _saving_for.get() is self:
+            raise SnapshotError(
+                f"{what} was called from inside one of this writer's own saves (its "
+                "savefun or a clean-up hook); it would wait for itself forever"
+            )
+
     def _check_open(self) -> None:
+        self._refuse_reentry("the writer")
         state = self._state
         if state is _State.FORKED:
             raise WriterClosedError(
@@ -425,10 +463,17 @@ class Writer:
             raise first
 
     def _submit(self, job: _Job, on_done: Callable[[], None] | None = None) -> SnapshotHandle:
-        """Schedule ``job`` on the loop; return its handle."""
-        future = self._portal.start_task_soon(self._run_job, job)
+        """Schedule ``job`` on the loop; return its handle.
+
+        Admission is atomic with :meth:`finalize`: under the writer's lock the job is
+        either registered as pending before the writer starts closing (so finalize
+        waits for it), or refused with :class:`WriterClosedError` (a call that passed
+        its first check, then staged while another thread finalized).
+        """
         path = job.request.dest.path
         with self._lock:
+            self._check_open()  # the caller releases what it holds
+            future = self._portal.start_task_soon(self._run_job, job)
             self._pending[future] = path
 
         def finished(f: Future[SnapshotResult]) -> None:
@@ -450,6 +495,7 @@ class Writer:
 
     async def _save_now(self, request: SaveRequest) -> WriteOutcome:
         """``save()``: write, commit, run hooks; errors wrapped like background ones."""
+        _saving_for.set(self)
         try:
             await self._ensure_initialized(request.dest)
             outcome = await execute_save(request)
@@ -461,6 +507,7 @@ class Writer:
         return outcome
 
     async def _run_job(self, job: _Job) -> SnapshotResult:
+        _saving_for.set(self)  # this task's context; copied into its worker threads
         dest = job.request.dest
         lock = self._path_lock_acquire(dest.path)
         try:

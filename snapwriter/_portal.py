@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures.thread  # noqa: F401 - see the at-exit registration below
 import contextlib
 import contextvars
+import importlib
 import itertools
 import logging
 import os
@@ -32,7 +33,13 @@ from typing import Any, Protocol, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-__all__ = ("EXIT_TIMEOUT_ENV", "Portal", "register_for_exit")
+__all__ = (
+    "EXIT_TIMEOUT_ENV",
+    "Portal",
+    "on_exit_give_up",
+    "preload_background_imports",
+    "register_for_exit",
+)
 
 T = TypeVar("T")
 logger = logging.getLogger("snapwriter")
@@ -57,8 +64,10 @@ class Portal:
         self._thread_ident: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = False
         self._pid = os.getpid()
         self.name = f"snapwriter-portal-{next(_counter)}"
+        preload_background_imports()
 
     @property
     def running(self) -> bool:
@@ -72,6 +81,8 @@ class Portal:
         with self._lock:
             if self._pid != os.getpid():
                 raise RuntimeError("the portal belongs to the parent process")
+            if self._stopped:
+                raise RuntimeError("the writer's loop was stopped; it does not restart")
             if self._portal is None:
                 cm = start_blocking_portal("asyncio", name=self.name)
                 portal = cm.__enter__()
@@ -123,6 +134,7 @@ class Portal:
         """Stop the loop and join its thread (writers first wait for their saves). Idempotent."""
         with self._lock:
             cm, self._cm, self._portal = self._cm, None, None
+            self._stopped = True
         if cm is not None and self._pid == os.getpid():
             cm.__exit__(None, None, None)
 
@@ -141,6 +153,27 @@ class Portal:
         self._tasks = set()
 
 
+_BACKGROUND_MODULES = (
+    # anyio imports its backend (and, through it, its stream and socket modules) on the
+    # loop thread; torch.save imports its serialization config on first use.
+    "anyio._backends._asyncio",
+    "torch.utils.serialization.config",
+)
+
+
+def preload_background_imports() -> None:
+    """Import, in the calling thread, what the loop and worker threads import lazily.
+
+    An import in a background thread holds the module's import lock; a ``fork()`` in
+    the user's program at that moment leaves the child with a half-imported module (or
+    the lock held forever), and the child's own writer then fails or hangs.
+    """
+    for name in _BACKGROUND_MODULES:
+        if name not in sys.modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+
 class _ExitParticipant(Protocol):
     def _close_at_exit(self, timeout: float) -> list[str]: ...
 
@@ -149,6 +182,13 @@ class _ExitParticipant(Protocol):
 
 _live: weakref.WeakSet[_ExitParticipant] = weakref.WeakSet()
 _live_lock = threading.Lock()
+_give_up_hooks: list[Callable[[], object]] = []
+
+
+def on_exit_give_up(hook: Callable[[], object]) -> None:
+    """Run ``hook`` when interpreter exit gives up on unfinished saves, before ``os._exit``
+    (for example, to kill saving child processes that would outlive the program)."""
+    _give_up_hooks.append(hook)
 
 
 def register_for_exit(obj: _ExitParticipant) -> None:
@@ -183,6 +223,11 @@ def _at_exit() -> None:
         print(message, file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
+        for hook in _give_up_hooks:
+            try:
+                hook()
+            except Exception:
+                logger.exception("snapwriter: error while abandoning unfinished saves")
         # A save stuck in a worker thread would make Python wait forever.
         os._exit(EXIT_STATUS_LOST)
 
@@ -206,3 +251,6 @@ else:  # pragma: no cover - CPython always has it (3.9+)
 
     atexit.register(_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)
+# At import (normally in the main thread, before any fork of the user's), and again
+# whenever a writer is created.
+preload_background_imports()

@@ -10,22 +10,41 @@ rather than a bare exit code. Under ``fork`` the staged target is inherited; und
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
+from ._portal import on_exit_give_up
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
 
-__all__ = ("ConsumerProcess", "ProcessWorker", "check_context", "get_context")
+__all__ = (
+    "ConsumerProcess",
+    "ProcessWorker",
+    "check_context",
+    "get_context",
+    "kill_live_children",
+)
 
 MpContext = BaseContext | str | None
+
+#: How often a consumer process checks that its parent still lives (seconds).
+PARENT_POLL_SECONDS = 0.25
+
+#: Child processes started by writers and not yet joined (killed if exit gives up).
+_live_children: weakref.WeakSet[Any] = weakref.WeakSet()
+_live_lock = threading.Lock()
 
 
 def get_context(context: MpContext) -> BaseContext:
@@ -33,6 +52,53 @@ def get_context(context: MpContext) -> BaseContext:
     if context is None or isinstance(context, str):
         return multiprocessing.get_context(context)
     return context
+
+
+def _preload_start_methods() -> None:
+    """Do now, in the importing thread, the lazy initialisation that starting a child
+    would otherwise do in a writer's background thread: import each start method's
+    ``popen`` module and compute ``tempfile.gettempdir()``. A ``fork()`` in the user's
+    program while a background thread holds an import lock (or tempfile's lock) would
+    leave the forked child stuck."""
+    modules = {"fork": "popen_fork", "spawn": "popen_spawn_posix", "forkserver": "popen_forkserver"}
+    for method in multiprocessing.get_all_start_methods():
+        if method in modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(f"multiprocessing.{modules[method]}")
+    tempfile.gettempdir()
+
+
+def _track(process: Any) -> None:
+    with _live_lock:
+        _live_children.add(process)
+
+
+def _untrack(process: Any) -> None:
+    with _live_lock:
+        _live_children.discard(process)
+
+
+def kill_live_children() -> list[int]:
+    """SIGKILL every child process a writer started and has not joined; return their pids.
+
+    Used when interpreter exit gives up on unfinished saves: a saving child left alive
+    would outlive the program. Its temporary file stays, recognisable, and the next
+    writer that opens the directory removes it.
+    """
+    with _live_lock:
+        children = list(_live_children)
+        _live_children.clear()
+    killed = []
+    for process in children:
+        pid = getattr(process, "pid", None)
+        if pid is None or pid == os.getpid():
+            continue
+        with contextlib.suppress(Exception):
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+                killed.append(pid)
+    return killed
 
 
 def check_context(context: Any) -> MpContext:
@@ -103,13 +169,28 @@ def _child_save(request: SaveRequest, conn: multiprocessing.connection.Connectio
         conn.close()
 
 
-def _child_consume(conn: multiprocessing.connection.Connection, task: Any) -> None:
-    """Entry point of a ``ProcessQueueWriter`` consumer: saves until told to stop."""
+def _child_consume(conn: multiprocessing.connection.Connection, task: Any, parent_pid: int) -> None:
+    """Entry point of a ``ProcessQueueWriter`` consumer: saves until told to stop.
+
+    Exits when told to (``None``), when the pipe closes, or when the parent process is
+    gone (a forked consumer holds a copy of the parent's end of the pipe, so a parent
+    killed by a signal would never close it).
+    """
     while True:
         try:
+            while not conn.poll(PARENT_POLL_SECONDS):
+                if os.getppid() != parent_pid:
+                    return
             message = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
+        except Exception as exc:  # a message that does not unpickle here
+            _send_outcome(
+                conn,
+                "error",
+                ChildProcessFailure(f"the consumer process could not receive the save: {exc!r}"),
+            )
+            continue
         if message is None:
             return
         request, args = message
@@ -142,6 +223,7 @@ class ProcessWorker:
 
     def start(self) -> None:
         self._process.start()
+        _track(self._process)
         self._send.close()
 
     def join(self, timeout: float | None = None) -> None:
@@ -158,6 +240,8 @@ class ProcessWorker:
             finally:
                 self._recv.close()
         self._process.join(timeout)
+        if self._process.exitcode is not None:
+            _untrack(self._process)
         if self.outcome is None and self.error is None and self._process.exitcode is not None:
             self.error = ChildProcessFailure(
                 f"the saving process {_describe_exit(self._process.exitcode)} "
@@ -189,9 +273,15 @@ class ConsumerProcess:
             self._close_quietly()
             parent, child = self._ctx.Pipe(duplex=True)
             self._process = self._ctx.Process(  # type: ignore[attr-defined]
-                target=_child_consume, args=(child, self._task), name="snapwriter-consumer"
+                target=_child_consume,
+                args=(child, self._task, os.getpid()),
+                name="snapwriter-consumer",
+                # Never joined forever at exit: writers are finalized before that (an
+                # idle consumer of a writer dropped without finalize is terminated).
+                daemon=True,
             )
             self._process.start()
+            _track(self._process)
             child.close()
             self._conn = parent
         return self._conn
@@ -231,5 +321,31 @@ class ConsumerProcess:
     def _close_quietly(self) -> None:
         if self._conn is not None:
             self._conn.close()
+        if self._process is not None:
+            _untrack(self._process)
         self._conn = None
         self._process = None
+
+
+def _after_fork_in_child() -> None:
+    """A plain ``os.fork()`` in the user's program (not one by multiprocessing).
+
+    The parent's children are not the child's to kill. multiprocessing's fd sharer
+    (used when a consumer receives staged tensors through shared memory) keeps the
+    parent's listener and cache; multiprocessing resets them in its own children
+    only, so the forked child would hand its consumers the parent's address.
+    """
+    global _live_lock
+    _live_lock = threading.Lock()
+    _live_children.clear()
+    sharer_module = sys.modules.get("multiprocessing.resource_sharer")
+    sharer = getattr(sharer_module, "_resource_sharer", None)
+    reset = getattr(sharer, "_afterfork", None)
+    if reset is not None:
+        with contextlib.suppress(Exception):
+            reset()
+
+
+_preload_start_methods()
+on_exit_give_up(kill_live_children)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,6 +14,7 @@ environment variables work either way.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -31,19 +32,39 @@ _STATS: dict[str, collections.Counter[str]] = collections.defaultdict(collection
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("snapwriter faults")
-    group.addoption(
-        "--long",
-        action="store_true",
-        default=False,
-        help="run the long fault-injection sweeps (>= 50 kill points per writer)",
-    )
-    group.addoption(
-        "--fault-seed",
-        action="store",
-        type=int,
-        default=None,
-        help="seed of the fault-injection schedules",
-    )
+    # tests/conftest.py may register them too (so that a plain ``pytest --long`` works)
+    with contextlib.suppress(ValueError):
+        group.addoption(
+            "--long",
+            action="store_true",
+            default=False,
+            help="run the long fault-injection sweeps (>= 50 kill points per writer)",
+        )
+    with contextlib.suppress(ValueError):
+        group.addoption(
+            "--fault-seed",
+            action="store",
+            type=int,
+            default=None,
+            help="seed of the fault-injection schedules",
+        )
+
+
+def _long(config: pytest.Config) -> bool:
+    return bool(_option(config, "--long", False)) or os.environ.get(
+        "SNAPWRITER_FAULTS_LONG", ""
+    ) not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long sweeps outgrow the suite's 120 s per-test timeout (each child run has a
+    hard timeout of its own): give this directory's tests 30 minutes with ``--long``."""
+    if not _long(config):
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.timeout(1800))
 
 
 def _option(config: pytest.Config, name: str, default: Any) -> Any:
@@ -55,9 +76,7 @@ def _option(config: pytest.Config, name: str, default: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def long_run(pytestconfig: pytest.Config) -> bool:
-    return bool(_option(pytestconfig, "--long", False)) or os.environ.get(
-        "SNAPWRITER_FAULTS_LONG", ""
-    ) not in ("", "0")
+    return _long(pytestconfig)
 
 
 @pytest.fixture(scope="session")

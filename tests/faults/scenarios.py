@@ -546,6 +546,75 @@ def finalize_race(p: dict[str, Any]) -> None:
 
 
 @scenario
+def finalize_during_call(p: dict[str, Any]) -> None:
+    """finalize() lands while a call is between its closed-check and its submit.
+
+    The call is held there deterministically: by a target object whose pickling (the
+    staging copy) waits for a gate, or, for SimpleWriter (no staging), by an ``out_dir``
+    whose ``__fspath__`` waits. Once finalize() has marked the writer closing, the gate
+    opens. Acceptable: the call raises WriterClosedError, or its save is finished when
+    finalize() returns. Not acceptable: a save finalize() did not wait for, another
+    exception, a loop thread running again.
+    """
+    out_dir = p["out_dir"]
+    gate = threading.Event()
+    entered = threading.Event()
+
+    class Blocker:
+        def __reduce__(self) -> Any:
+            entered.set()
+            gate.wait(30)
+            return (dict, ())
+
+    class BlockingDir(os.PathLike):  # type: ignore[type-arg]
+        def __fspath__(self) -> str:
+            entered.set()
+            gate.wait(30)
+            return out_dir
+
+    w = make_writer(p["kind"], "")  # empty: the call's out_dir is used
+    w("warm.pt", out_dir, payload(1)).result()  # loop running, directory initialised
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            if p["kind"] == "simple":
+                box["handle"] = w("race.pt", BlockingDir(), payload(2))
+            else:
+                box["handle"] = w("race.pt", out_dir, {"p": payload(2), "b": Blocker()})
+        except BaseException as exc:
+            box["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    entered.wait(30)
+    fin: dict[str, Any] = {}
+    finalizer = threading.Thread(target=lambda: fin.update(outcome_of(w.finalize)))
+    finalizer.start()
+    faultlib.wait_until(lambda: w.closed, 30, "finalize() to mark the writer closing")
+    gate.set()
+    finalizer.join(60)
+    handle = box.get("handle")
+    done_when_finalized = handle.done() if handle is not None else None
+    caller.join(60)
+    handle = box.get("handle")
+    time.sleep(0.2)  # let a restarted loop thread show up, if any
+    portals = [t.name for t in threading.enumerate() if t.name.startswith("snapwriter-portal")]
+    result = {
+        "finalize": fin,
+        "finalizer_alive": finalizer.is_alive(),
+        "caller_alive": caller.is_alive(),
+        "call_error": describe_error(box.get("error")),
+        "accepted": handle is not None,
+        "done_when_finalize_returned": done_when_finalized,
+        "portal_threads_after": portals,
+    }
+    if handle is not None:
+        result["handle"] = _wait_handle(handle)
+    write_result(result)
+
+
+@scenario
 def reentrant(p: dict[str, Any]) -> None:
     """A savefun that calls back into its writer (finalize, or another save)."""
     out_dir = p["out_dir"]
@@ -798,6 +867,35 @@ def user_fork(p: dict[str, Any]) -> None:
             "finalize": outcome_of(w.finalize),
         }
     )
+
+
+@scenario
+def background_imports(p: dict[str, Any]) -> None:
+    """Which modules (and lazily computed stdlib state) a writer's background threads
+    initialise during its first saves: a fork() in the program at that moment leaves
+    the child with a half-imported module or a module lock held forever."""
+    import importlib.abc
+    import tempfile
+
+    seen: list[list[str]] = []
+
+    class Recorder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            thread = threading.current_thread()
+            if thread is not threading.main_thread():
+                seen.append([name, thread.name])
+            return None
+
+    tempdir_before = tempfile.tempdir
+    sys.meta_path.insert(0, Recorder())
+    w = _writer(p)
+    out_dir = p["out_dir"]
+    r = {"first": _save(w, "a.pt", out_dir, payload(1, 1000))}
+    r["second"] = _save(w, "b.pt", out_dir, payload(2, 1000))
+    r["finalize"] = outcome_of(w.finalize)
+    r["imports"] = seen
+    r["tempdir_computed_in_background"] = tempdir_before is None and tempfile.tempdir is not None
+    write_result(r)
 
 
 @scenario

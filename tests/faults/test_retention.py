@@ -63,7 +63,7 @@ def _check_invariant(out: Path, committed: int, where: str) -> dict[int, bool]:
 
 
 def _points(kind: str, mode: str, long_run: bool) -> int:
-    return 15 if long_run else (3 if mode == "keep_last" else 2)
+    return 15 if long_run else 2
 
 
 @pytest.mark.parametrize("mode", ["keep_last", "ppe"])
