@@ -130,3 +130,28 @@ def load(path: Any) -> Any:
 def _quiet_snapwriter_errors(caplog: pytest.LogCaptureFixture) -> None:
     """Failures are logged at ERROR by design; keep them in caplog, not on stderr."""
     caplog.set_level(logging.INFO, logger="snapwriter")
+
+
+# -- the fault suite's counters (tests/faults/stats.py), merged across xdist workers --
+
+
+_run_config: list[pytest.Config] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _run_config.append(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    from tests.faults import stats
+
+    text = getattr(node, "workeroutput", {}).get(stats.WORKER_KEY)
+    if text and _run_config:
+        stats.merge(_run_config[-1], text)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.faults import stats
+
+    stats.report(terminalreporter)

@@ -309,3 +309,69 @@ def test_bogus_mp_context_rejected_at_construction() -> None:
             cls(mp_context="bogus")
         with pytest.raises(snapwriter.InvalidSnapshotArgument):
             cls(mp_context=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what", ["finalize", "call"])
+def test_savefun_calling_its_own_writer_is_refused(tmp_path: Path, what: str) -> None:
+    """A savefun that calls back into its writer gets a SnapshotError (it would wait for
+    its own save forever); the outer save then fails with that error as its cause."""
+    box: dict[str, Any] = {}
+
+    def savefun(target: Any, f: Any) -> None:
+        torch.save(target, f)
+        if what == "finalize":
+            box["w"].finalize()
+        else:
+            box["w"]("inner.pt", "", {"inner": 1})
+
+    w = snapwriter.StandardWriter(out_dir=str(tmp_path), savefun=savefun)
+    box["w"] = w
+    handle = w("outer.pt", "", {"outer": 1})
+    with pytest.raises(snapwriter.SnapshotWriteError) as info:
+        handle.result(timeout=60)
+    cause = info.value.__cause__
+    assert isinstance(cause, snapwriter.SnapshotError)
+    assert "inside one of this writer's own saves" in str(cause)
+    w.finalize()
+    assert sorted(os.listdir(tmp_path)) == []  # the outer save failed: nothing committed
+
+
+def test_finalize_racing_a_call_never_leaves_a_save_behind(tmp_path: Path) -> None:
+    """finalize() while a call is still staging: the call is refused with
+    WriterClosedError, or its save is complete when finalize returns; the loop never
+    restarts afterwards."""
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+
+    class SlowToStage:
+        def __reduce__(self) -> Any:
+            entered.set()
+            gate.wait(30)
+            return (dict, ())
+
+    w = snapwriter.StandardWriter(out_dir=str(tmp_path))
+    w("warm.pt", "", {"x": torch.ones(3)}).result(timeout=60)
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["handle"] = w("race.pt", "", {"x": torch.ones(3), "slow": SlowToStage()})
+        except BaseException as exc:
+            box["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert entered.wait(30)
+    finalizer = threading.Thread(target=w.finalize)
+    finalizer.start()
+    while not w.closed:  # finalize() has marked the writer closing
+        finalizer.join(0.001)
+    gate.set()
+    finalizer.join(60)
+    caller.join(60)
+    assert not finalizer.is_alive() and not caller.is_alive()
+    assert isinstance(box.get("error"), snapwriter.WriterClosedError), box
+    assert sorted(os.listdir(tmp_path)) == ["warm.pt"]
+    loop_thread = w._portal.name
+    assert not [t for t in threading.enumerate() if t.name == loop_thread]

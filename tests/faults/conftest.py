@@ -13,9 +13,7 @@ environment variables work either way.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -25,9 +23,8 @@ from typing import Any
 
 import pytest
 
+from . import stats
 from .harness import Zygote, cleanup_live, kill_group
-
-_STATS: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -127,19 +124,13 @@ def reaper() -> Iterator[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def fault_stats() -> dict[str, collections.Counter[str]]:
+def fault_stats(pytestconfig: pytest.Config) -> stats.Stats:
     """Counters reported in the terminal summary (kill points tried/survived...)."""
-    return _STATS
+    return stats.of(pytestconfig)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _STATS:
-        return
-    tr = terminalreporter
-    tr.section("snapwriter fault-injection counts")
-    for key in sorted(_STATS):
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(_STATS[key].items()))
-        tr.write_line(f"{key}: {counts}")
-    out = os.environ.get("SNAPWRITER_FAULTS_STATS")
-    if out:
-        Path(out).write_text(json.dumps({k: dict(v) for k, v in _STATS.items()}, indent=1))
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its counters to the controller (see ``stats.py``)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[stats.WORKER_KEY] = stats.dump(session.config)
