@@ -79,7 +79,23 @@ def temp_owner_alive(name: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and only waits to be reaped (Linux; else ``False``).
+
+    A killed saving process stays a zombie until its parent reaps it; its temporary
+    file is already abandoned.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may contain spaces and parentheses
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state in (b"Z", b"X")
 
 
 @dataclass(frozen=True)

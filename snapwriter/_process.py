@@ -294,10 +294,23 @@ class ConsumerProcess:
         """
         with self._lock:
             conn = self._ensure()
-            conn.send((request, args))
+            try:
+                conn.send((request, args))
+            except OSError:
+                # The consumer died while idle: this save never reached it. Start a
+                # new one and hand it the save; a second failure is reported.
+                self._close_quietly()
+                conn = self._ensure()
+                try:
+                    conn.send((request, args))
+                except OSError as exc:
+                    self._close_quietly()
+                    raise ChildProcessFailure(
+                        f"could not hand the save to a new consumer process: {exc!r}"
+                    ) from exc
             try:
                 kind, payload = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # closed, or reset by the dying consumer
                 self._process.join()
                 code = self._process.exitcode
                 self._close_quietly()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -135,3 +136,50 @@ def test_forked_child_exits_cleanly_with_inherited_writer(tmp_path: Path) -> Non
         sys.exit(os.waitstatus_to_exitcode(status))
     """
     assert _run(code, str(tmp_path), timeout=60).returncode == 0
+
+
+def test_consumer_killed_while_idle_is_replaced(tmp_path: Path) -> None:
+    """A ProcessQueueWriter whose consumer died between saves starts a new one: the
+    next save succeeds (it never reached the dead consumer)."""
+    with snapwriter.ProcessQueueWriter(out_dir=str(tmp_path), mp_context="fork") as w:
+        w("a.pt", "", {"v": torch.ones(2)}).result(timeout=60)
+        consumer = w._consumer._process
+        consumer.kill()
+        consumer.join(30)
+        assert consumer.exitcode == -signal.SIGKILL
+        w("b.pt", "", {"v": torch.full((2,), 2.0)}).result(timeout=60)
+        assert w._consumer._process is not consumer
+    assert torch.equal(load(tmp_path / "b.pt")["v"], torch.full((2,), 2.0))
+
+
+def test_consumer_exits_when_its_parent_dies(tmp_path: Path) -> None:
+    """The consumer of a ProcessQueueWriter whose program was killed does not linger."""
+    code = textwrap.dedent(
+        f"""
+        import os, sys, torch, snapwriter
+        w = snapwriter.ProcessQueueWriter(out_dir={str(tmp_path)!r}, mp_context="fork")
+        w("a.pt", "", {{"v": torch.ones(2)}}).result(timeout=60)
+        print(w._consumer._process.pid, flush=True)
+        sys.stdin.read()
+        """
+    )
+    program = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert program.stdout is not None and program.stdin is not None
+    consumer_pid = int(program.stdout.readline())
+    program.kill()
+    program.wait(60)
+    program.stdin.close()
+    program.stdout.close()
+    # The consumer notices within its poll interval. It is not our child: wait on a
+    # pidfd, which becomes readable when the process exits.
+    try:
+        pidfd = os.pidfd_open(consumer_pid)
+    except ProcessLookupError:
+        return  # already gone
+    try:
+        readable, _, _ = select.select([pidfd], [], [], 30)
+    finally:
+        os.close(pidfd)
+    assert readable, "the consumer outlived its parent"

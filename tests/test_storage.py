@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import snapwriter
@@ -92,3 +93,28 @@ def test_clean_temps_reports_only_what_it_removed(tmp_path: Path) -> None:
     leftover.write_bytes(b"x")
     assert Storage(Stubborn()).clean_temps(str(tmp_path)) == []
     assert leftover.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_temp_of_a_killed_unreaped_process_is_removed(tmp_path: Path) -> None:
+    """A saving process killed and not reaped yet (a zombie) owns nothing any more."""
+    from snapwriter._paths import temp_owner_alive
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    temp = f".snap.pt.snapwriter-tmp-{child.pid}-{'a' * 16}"
+    (tmp_path / temp).write_bytes(b"partial")
+    try:
+        assert temp_owner_alive(temp)  # running: its file is left alone
+        child.kill()
+        # exited, not reaped: wait for the zombie state without reaping it
+        info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        assert info is not None and info.si_pid == child.pid
+        assert not temp_owner_alive(temp)
+        assert Storage(LocalFileSystem()).clean_temps(str(tmp_path)) == [str(tmp_path / temp)]
+    finally:
+        child.kill()
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
