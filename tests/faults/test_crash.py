@@ -410,9 +410,9 @@ def test_kill_saving_child(kind, zygote, work, long_run, fault_seed, fault_stats
     out_dir = work / "out"
     out_dir.mkdir()
     rng = random.Random(f"{fault_seed}-child-{kind}")
-    stats = fault_stats[f"child-kill[{kind}]"]
     if kind == "process-spawn":
         long_only(long_run, SPAWN_SLOW)
+    stats = fault_stats[f"child-kill[{kind}]"]
     n = 20 if long_run else 5
     for i in range(n):
         prev, new, after = (10 * i + 1, SMALL), (10 * i + 2, BIG), (10 * i + 3, SMALL)
