@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ logger = logging.getLogger("snapwriter")
 
 SaveFun = Callable[..., Any]
 _W = TypeVar("_W", bound="Writer")
+T = TypeVar("T")
 
 #: The writer whose save the current task (and the worker threads it runs savefun in)
 #: belongs to; lets a writer refuse calls from inside its own savefun.
@@ -209,20 +210,9 @@ class Writer:
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
         if self._portal.in_loop_thread():
             raise RuntimeError("Writer.save() cannot be called from the writer's own loop thread")
-        with self._lock:
-            # A worker started before finalize() may still save while the writer
-            # closes (finalize waits for it); once closed, nothing restarts the loop.
-            if self._state is not _State.CLOSING:
-                self._check_open()
-            future = self._portal.start_task_soon(self._save_now, request)
-            self._pending[future] = request.dest.path
-
-        def finished(f: Future[WriteOutcome]) -> None:
-            with self._lock:
-                self._pending.pop(f, None)
-
-        future.add_done_callback(finished)
-        future.result()
+        # A worker started before finalize() may still save while the writer closes
+        # (finalize waits for it); once closed, nothing restarts the loop.
+        self._start_pending(self._save_now, request, request.dest.path, while_closing=True).result()
 
     def _add_cleanup_hook(self, hook_fun: HookFun) -> None:
         """Run ``hook_fun()`` after each committed save (ppe's ``n_retains`` uses this)."""
@@ -465,20 +455,14 @@ class Writer:
     def _submit(self, job: _Job, on_done: Callable[[], None] | None = None) -> SnapshotHandle:
         """Schedule ``job`` on the loop; return its handle.
 
-        Admission is atomic with :meth:`finalize`: under the writer's lock the job is
-        either registered as pending before the writer starts closing (so finalize
-        waits for it), or refused with :class:`WriterClosedError` (a call that passed
-        its first check, then staged while another thread finalized).
+        Raises:
+            WriterClosedError: the writer closed meanwhile (the caller releases what it
+                holds: staged buffers, its ``max_pending`` slot).
         """
         path = job.request.dest.path
-        with self._lock:
-            self._check_open()  # the caller releases what it holds
-            future = self._portal.start_task_soon(self._run_job, job)
-            self._pending[future] = path
+        future: Future[SnapshotResult] = self._start_pending(self._run_job, job, path)
 
-        def finished(f: Future[SnapshotResult]) -> None:
-            with self._lock:
-                self._pending.pop(f, None)
+        def finished(_f: Future[SnapshotResult]) -> None:
             if job.staged is not None:
                 self._stager.release(job.staged)
             if on_done is not None:
@@ -486,6 +470,34 @@ class Writer:
 
         future.add_done_callback(finished)
         return SnapshotHandle(future, path, job.stage_seconds, self._observed)
+
+    def _start_pending(
+        self,
+        fn: Callable[[Any], Coroutine[Any, Any, T]],
+        arg: Any,
+        path: str,
+        *,
+        while_closing: bool = False,
+    ) -> Future[T]:
+        """Start ``fn(arg)`` on the loop as a pending save of ``path``.
+
+        Admission is atomic with :meth:`finalize`: under the writer's lock the save is
+        either registered as pending before the writer starts closing (so finalize
+        waits for it), or refused with :class:`WriterClosedError` (a call that passed
+        its first check, then staged while another thread finalized).
+        ``while_closing`` also admits it while finalize waits (not once closed).
+        """
+        with self._lock:
+            if not (while_closing and self._state is _State.CLOSING):
+                self._check_open()
+            future = self._portal.start_task_soon(fn, arg)
+            self._pending[future] = path
+        future.add_done_callback(self._forget_pending)
+        return future
+
+    def _forget_pending(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.pop(future, None)
 
     # -- coroutines (run on the portal loop) -----------------------------------------
 

@@ -94,7 +94,8 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return False
     # "pid (comm) state ...": comm may contain spaces and parentheses
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    end_of_comm = stat.rfind(b")")
+    state = stat[end_of_comm + 2 : end_of_comm + 3]
     return state in (b"Z", b"X")
 
 

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import sys
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -67,7 +68,6 @@ class Portal:
         self._stopped = False
         self._pid = os.getpid()
         self.name = f"snapwriter-portal-{next(_counter)}"
-        preload_background_imports()
 
     @property
     def running(self) -> bool:
@@ -155,23 +155,29 @@ class Portal:
 
 _BACKGROUND_MODULES = (
     # anyio imports its backend (and, through it, its stream and socket modules) on the
-    # loop thread; torch.save imports its serialization config on first use.
+    # loop thread; torch.save imports its serialization config on first use; starting
+    # a child process imports its start method's popen module (absent ones are skipped).
     "anyio._backends._asyncio",
     "torch.utils.serialization.config",
+    "multiprocessing.popen_fork",
+    "multiprocessing.popen_spawn_posix",
+    "multiprocessing.popen_forkserver",
 )
 
 
 def preload_background_imports() -> None:
-    """Import, in the calling thread, what the loop and worker threads import lazily.
+    """Do, in the calling thread, the lazy initialisation the loop and worker threads
+    would do: import their modules and compute ``tempfile.gettempdir()``.
 
-    An import in a background thread holds the module's import lock; a ``fork()`` in
-    the user's program at that moment leaves the child with a half-imported module (or
-    the lock held forever), and the child's own writer then fails or hangs.
+    Such work holds a lock (a module's import lock, tempfile's); a ``fork()`` in the
+    user's program at that moment leaves the child with a half-imported module or the
+    lock held forever, and the child's own writer then fails or hangs.
     """
     for name in _BACKGROUND_MODULES:
         if name not in sys.modules:
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+    tempfile.gettempdir()
 
 
 class _ExitParticipant(Protocol):
@@ -251,6 +257,5 @@ else:  # pragma: no cover - CPython always has it (3.9+)
 
     atexit.register(_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)
-# At import (normally in the main thread, before any fork of the user's), and again
-# whenever a writer is created.
+# At import: normally in the main thread, before any fork of the user's.
 preload_background_imports()

@@ -10,13 +10,11 @@ rather than a bare exit code. Under ``fork`` the staged target is inherited; und
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -52,20 +50,6 @@ def get_context(context: MpContext) -> BaseContext:
     if context is None or isinstance(context, str):
         return multiprocessing.get_context(context)
     return context
-
-
-def _preload_start_methods() -> None:
-    """Do now, in the importing thread, the lazy initialisation that starting a child
-    would otherwise do in a writer's background thread: import each start method's
-    ``popen`` module and compute ``tempfile.gettempdir()``. A ``fork()`` in the user's
-    program while a background thread holds an import lock (or tempfile's lock) would
-    leave the forked child stuck."""
-    modules = {"fork": "popen_fork", "spawn": "popen_spawn_posix", "forkserver": "popen_forkserver"}
-    for method in multiprocessing.get_all_start_methods():
-        if method in modules:
-            with contextlib.suppress(ImportError):
-                importlib.import_module(f"multiprocessing.{modules[method]}")
-    tempfile.gettempdir()
 
 
 def _track(process: Any) -> None:
@@ -359,6 +343,5 @@ def _after_fork_in_child() -> None:
             reset()
 
 
-_preload_start_methods()
 on_exit_give_up(kill_live_children)
 os.register_at_fork(after_in_child=_after_fork_in_child)
