@@ -406,6 +406,20 @@ class Zygote:
         child = self.start(workdir, name, params, env=env)
         return child.wait(timeout)
 
+    def result(
+        self,
+        workdir: Path,
+        name: str,
+        params: dict[str, Any],
+        *,
+        timeout: float = 60.0,
+        env: dict[str, str | None] | None = None,
+    ) -> Any:
+        """Run a scenario that must exit 0 with a result, and return that result."""
+        outcome = self.run(workdir, name, params, timeout=timeout, env=env)
+        assert outcome.exitcode == 0 and outcome.result, outcome.describe()
+        return outcome.result
+
 
 def start_fresh(
     workdir: Path,

@@ -84,7 +84,7 @@ def test_bad_filenames(kind, mode, zygote, work, long_run, fault_stats):
     names["absolute"] = str(outside / "abs.pt")
     names["absolute_inside"] = str(out / "abs-inside.pt")
     before = tree(base)
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "bad_filenames",
         {
@@ -95,8 +95,6 @@ def test_bad_filenames(kind, mode, zygote, work, long_run, fault_stats):
         },
         timeout=90,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     problems = []
     for label in names:
         fault_stats["bad-input"]["filename"] += 1
@@ -119,7 +117,7 @@ def test_tricky_but_valid_filenames(kind, zygote, work):
     replaced (rename does not follow it): the outside file is never written."""
     _base, out, outside = _layout(work)
     victim = tree(outside)
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "bad_filenames",
         {
@@ -129,8 +127,6 @@ def test_tricky_but_valid_filenames(kind, zygote, work):
         },
         timeout=90,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     for label in ("normalised", "file_symlink", "sub"):
         assert res[label]["ok"], f"{label}: {res[label]}"
     assert tree(outside) == victim, tree_diff(victim, tree(outside))
@@ -152,14 +148,12 @@ TARGETS = ["lambda", "socket", "open_file", "lock", "generator", "nested_lambda_
 def test_unstageable_targets(kind, zygote, work, fault_stats):
     base, out, _outside = _layout(work)
     before = tree(base)
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "bad_targets",
         {"kind": kind, "out_dir": str(out), "targets": TARGETS},
         timeout=120,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     problems = []
     for label in TARGETS:
         fault_stats["bad-input"]["target"] += 1
@@ -185,17 +179,16 @@ FAILING_SAVEFUNS = ["raising_savefun", "partial_then_raise_savefun", "closing_sa
 def _run_savefuns(kind, savefuns, zygote, work, fault_stats) -> tuple[dict[str, Any], list[str]]:
     base, out, _outside = _layout(work)
     before = tree(base)
-    outcome = zygote.run(
+    results = zygote.result(
         work / "run",
         "bad_savefuns",
         {"kind": kind, "out_dir": str(out), "savefuns": savefuns},
         timeout=120,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
     problems = []
     for savefun in savefuns:
         fault_stats["bad-input"]["savefun"] += 1
-        res = outcome.result[savefun]
+        res = results[savefun]
         where = f"{kind}/{savefun}"
         if res["ok"]:
             problems.append(f"{where}: the save succeeded")
@@ -214,7 +207,7 @@ def _run_savefuns(kind, savefuns, zygote, work, fault_stats) -> tuple[dict[str, 
     diff = tree_diff(before, tree(base))
     if diff:
         problems.append(f"the tree changed (previous snapshot not intact?): {diff}")
-    return outcome.result, problems
+    return results, problems
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -243,11 +236,9 @@ def test_savefun_writing_nothing(kind, zygote, work, long_run, fault_stats):
 def test_wrong_argument_types(kind, zygote, work, fault_stats):
     base, out, _outside = _layout(work)
     before = tree(base)
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run", "bad_arguments", {"kind": kind, "out_dir": str(out)}, timeout=120
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     problems = []
     for label, r in res.items():
         if label.startswith("_"):

@@ -36,9 +36,7 @@ def test_misuse(kind, zygote, work, long_run, fault_stats):
         long_only(long_run, SPAWN_SLOW)
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(work / "run", "misuse", {"kind": kind, "out_dir": str(out)}, timeout=120)
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    r = outcome.result
+    r = zygote.result(work / "run", "misuse", {"kind": kind, "out_dir": str(out)}, timeout=120)
     problems = []
     for label in (
         "finalize_empty",
@@ -75,7 +73,7 @@ def test_finalize_racing_calls(kind, zygote, work, long_run, fault_seed):
     out = work / "out"
     out.mkdir()
     rounds = 30 if long_run else 4
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "finalize_race",
         {
@@ -87,9 +85,8 @@ def test_finalize_racing_calls(kind, zygote, work, long_run, fault_seed):
         },
         timeout=120,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
     problems = []
-    for i, rd in enumerate(outcome.result["rounds"]):
+    for i, rd in enumerate(res["rounds"]):
         if not rd["finalize"]["ok"]:
             problems.append(f"round {i}: finalize raised {rd['finalize']}")
         if rd["errors"] or rd["thread_alive"]:
@@ -114,11 +111,9 @@ def test_finalize_during_a_call(kind, zygote, work, long_run):
         long_only(long_run, SPAWN_SLOW)
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    r = zygote.result(
         work / "run", "finalize_during_call", {"kind": kind, "out_dir": str(out)}, timeout=40
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    r = outcome.result
     assert not r["finalizer_alive"] and not r["caller_alive"], f"{kind}: hung: {r}"
     problems = []
     if not r["finalize"].get("ok"):
@@ -180,14 +175,12 @@ def test_threads_hammer_one_writer(kind, zygote, work, long_run, fault_seed, fau
     threads, saves, _ = _sizes(kind, long_run)
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "concurrency_threads",
         {"kind": kind, "out_dir": str(out), "threads": threads, "saves": saves, "seed": fault_seed},
         timeout=300 if kind == "process-spawn" else 110,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     assert not res["errors"], res["errors"]
     assert not res["failed"], res["failed"]
     assert res["finalize"]["ok"], res["finalize"]
@@ -201,14 +194,12 @@ def test_coroutines_share_one_writer(kind, zygote, work, long_run, fault_seed, f
     _, _, coroutines = _sizes(kind, long_run)
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "concurrency_async",
         {"kind": kind, "out_dir": str(out), "coroutines": coroutines, "seed": fault_seed},
         timeout=300 if kind == "process-spawn" else 110,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     assert not res["errors"], res["errors"]
     assert res["run"]["ok"], res["run"]
     _judge_last(out, res, kind)

@@ -66,14 +66,12 @@ def test_permission_denied(kind, zygote, work, fault_stats):
     run_dir.mkdir()
     run_dir.chmod(0o777)  # the child writes its result there as nobody
     before = tree(work)
-    outcome = zygote.run(
+    res = zygote.result(
         run_dir,
         "permission",
         {"kind": kind, "cases": cases, "writable": str(d["rw"])},
         timeout=60,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     assert res["uid"] == NOBODY
     problems = []
     for label, (out_dir, name) in cases.items():

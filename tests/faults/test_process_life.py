@@ -226,11 +226,9 @@ def test_no_lazy_initialisation_in_background_threads(kind, zygote, work, long_r
         long_only(long_run, SPAWN_SLOW)
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    r = zygote.result(
         work / "run", "background_imports", {"kind": kind, "out_dir": str(out)}, timeout=60
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    r = outcome.result
     assert r["first"]["ok"] and r["second"]["ok"] and r["finalize"]["ok"], r
     problems = []
     if r["imports"]:
@@ -248,14 +246,12 @@ def test_user_fork_child_exits_normally(kind, zygote, work):
     save and the inherited writer: no deadlock, its save completes."""
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "user_fork_exit",
         {"kind": kind, "out_dir": str(out), "numel": 1_000_000, "child_timeout": 60},
         timeout=100,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     assert res["status"] == 0, res
     assert res["parent"]["ok"] and res["finalize"]["ok"], res
     judge_dir(out, {"parent.pt": [(1, 1_000_000)], "child.pt": [(2, 64)]}, allow_temps=False)
@@ -278,11 +274,9 @@ def test_process_writers_start_methods(kind, zygote, work, fault_stats):
     fork where nothing is pickled, a clear error otherwise); the writer keeps going."""
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    r: dict[str, Any] = zygote.result(
         work / "run", "mp_contexts", {"kind": kind, "out_dir": str(out)}, timeout=115
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    r: dict[str, Any] = outcome.result
     assert r["ok1"]["ok"] and r["ok2"]["ok"], r
     assert "SnapshotWriteError" in r["raises"]["error"]["mro"], r["raises"]
     assert "ValueError" in r["raises"]["error"]["cause"]["mro"], r["raises"]

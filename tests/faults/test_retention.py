@@ -137,7 +137,7 @@ def test_failed_saves_do_not_count(kind, mode, zygote, work, long_run, fault_sta
         long_only(long_run, "ppe's n_retains: two writers in the default run")
     out = work / "out"
     out.mkdir()
-    outcome = zygote.run(
+    res = zygote.result(
         work / "run",
         "retention_loop",
         {
@@ -151,8 +151,6 @@ def test_failed_saves_do_not_count(kind, mode, zygote, work, long_run, fault_sta
         },
         timeout=110,
     )
-    assert outcome.exitcode == 0 and outcome.result, outcome.describe()
-    res = outcome.result
     for i, o in res["outcomes"].items():
         assert o["ok"] == (int(i) % 3 != 0), (i, o)
     assert res["finalize"]["ok"], res["finalize"]
