@@ -820,24 +820,27 @@ def evaluate_targets(report: dict[str, Any], writer: str = DEFAULT_WRITER) -> li
     def med(w: str, wl: str, m: str) -> float | None:
         return _median(report, w, wl, m)
 
-    for wl in ("0.5GiB-190", "2GiB-400"):
-        lost, mem = med(writer, wl, "lost_s"), med("memcpy", wl, "lost_s")
-        ok = None if lost is None or mem is None else lost <= 1.3 * mem
+    def versus(name: str, wl: str, metric: str, baseline: str, bound: float) -> dict[str, Any]:
+        """Target ``name``: the writer's ``metric`` <= ``bound`` x the baseline's."""
+        value, ref = med(writer, wl, metric), med(baseline, wl, metric)
+        ok = None if value is None or ref is None else value <= bound * ref
+        label = metric.removesuffix("_s")
         detail = (
             "not run"
             if ok is None
-            else f"lost {lost:.3f}s vs memcpy {mem:.3f}s = {lost / mem:.2f}x (<= 1.3x)"
+            else f"{label} {value:.3f}s vs {baseline} {ref:.3f}s = {value / ref:.2f}x "
+            f"(<= {bound:.1f}x)"
         )
-        out.append(_target(f"lost <= 1.3x memcpy [{wl}]", ok, detail))
+        return _target(f"{name} [{wl}]", ok, detail)
+
     for wl in ("0.5GiB-190", "2GiB-400"):
-        dur, ref = med(writer, wl, "durable_s"), med("torch.save+fsync", wl, "durable_s")
-        ok = None if dur is None or ref is None else dur <= 1.0 * ref
-        detail = (
-            "not run"
-            if ok is None
-            else f"durable {dur:.3f}s vs torch.save+fsync {ref:.3f}s = {dur / ref:.2f}x (<= 1.0x)"
+        out.append(versus("lost <= 1.3x memcpy", wl, "lost_s", "memcpy", 1.3))
+    for wl in ("0.5GiB-190", "2GiB-400"):
+        out.append(
+            versus(
+                "durable done <= 1.0x torch.save+fsync", wl, "durable_s", "torch.save+fsync", 1.0
+            )
         )
-        out.append(_target(f"durable done <= 1.0x torch.save+fsync [{wl}]", ok, detail))
     wl = "50k-small"
     lost = med(writer, wl, "lost_s")
     out.append(
@@ -847,14 +850,7 @@ def evaluate_targets(report: dict[str, Any], writer: str = DEFAULT_WRITER) -> li
             "not run" if lost is None else f"lost {lost:.3f}s",
         )
     )
-    dur, ref = med(writer, wl, "durable_s"), med("torch.save", wl, "durable_s")
-    ok = None if dur is None or ref is None else dur <= 0.5 * ref
-    detail = (
-        "not run"
-        if ok is None
-        else f"durable {dur:.3f}s vs torch.save {ref:.3f}s = {dur / ref:.2f}x (<= 0.5x)"
-    )
-    out.append(_target(f"durable done <= 0.5x sync torch.save [{wl}]", ok, detail))
+    out.append(versus("durable done <= 0.5x sync torch.save", wl, "durable_s", "torch.save", 0.5))
     case = report["cases"].get(f"{writer}|{wl}", {})
     loadable = case.get("summary", {}).get("loadable")
     out.append(
