@@ -135,20 +135,13 @@ def _quiet_snapwriter_errors(caplog: pytest.LogCaptureFixture) -> None:
 # -- the fault suite's counters (tests/faults/stats.py), merged across xdist workers --
 
 
-_run_config: list[pytest.Config] = []
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    _run_config.append(config)
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
     from tests.faults import stats
 
     text = getattr(node, "workeroutput", {}).get(stats.WORKER_KEY)
-    if text and _run_config:
-        stats.merge(_run_config[-1], text)
+    if text:
+        stats.merge(node.config, text)  # the controller's config
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -30,8 +30,8 @@ def of(config: Any) -> Stats:
     return stats
 
 
-def dump(config: Any) -> str:
-    return json.dumps({k: dict(v) for k, v in of(config).items()})
+def dump(config: Any, indent: int | None = None) -> str:
+    return json.dumps({k: dict(v) for k, v in of(config).items()}, indent=indent)
 
 
 def merge(config: Any, text: str) -> None:
@@ -51,4 +51,4 @@ def report(terminalreporter: Any) -> None:
         tr.write_line(f"{key}: {counts}")
     out = os.environ.get("SNAPWRITER_FAULTS_STATS")
     if out:
-        Path(out).write_text(json.dumps({k: dict(v) for k, v in counters.items()}, indent=1))
+        Path(out).write_text(dump(terminalreporter.config, indent=1))
