@@ -262,6 +262,7 @@ class Writer:
                 )
         self._stop_background()
         self._portal.stop()
+        self._stager.close()
         with self._lock:
             self._state = _State.CLOSED
         self._raise_unreported()
@@ -286,6 +287,7 @@ class Writer:
             await await_any(pending)
         await anyio.to_thread.run_sync(self._stop_background)
         await anyio.to_thread.run_sync(self._portal.stop)
+        self._stager.close()
         with self._lock:
             self._state = _State.CLOSED
         self._raise_unreported()

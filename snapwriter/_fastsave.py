@@ -1,20 +1,35 @@
-"""A faster :func:`torch.save` for plain CPU tensors, byte-compatible with ``torch.load``.
+"""A faster :func:`torch.save` that writes the very same file.
 
 ``torch.save`` spends most of its time, for states of many tensors, in Python code run
 per tensor (``Tensor.__reduce_ex__``, typed-storage wrappers, a ``persistent_id`` call
-per pickled object), holding the GIL all along. :func:`fast_torch_save` writes the same
-archive (``data.pkl``, ``.format_version``, ``.storage_alignment``, ``byteorder``,
-``data/<key>`` records, through torch's own zip writer) with a lean reducer for plain
-tensors. Anything it does not handle exactly like ``torch.save`` (tensor subclasses such
-as ``nn.Parameter``, tensors requiring grad, non-CPU, non-strided, conjugated or
-attribute-carrying tensors, raw storages, dtypes without a legacy storage type) makes it
-fall back to ``torch.save`` as a whole, before a byte is written.
+per pickled object, the device-tagger registry), holding the GIL all along.
+:func:`fast_torch_save` pickles the same object graph with a lean reducer for the two
+kinds of tensor states are made of, and writes the archive through torch's own zip
+writer, record by record in torch.save's order.
 
-The resulting file loads with plain ``torch.load`` (``weights_only=True`` included).
+**What is byte-identical.** For every object it accepts, the file is byte for byte the
+file ``torch.save(obj, f)`` writes (checked by the differential tests in
+``tests/fidelity``). It accepts any object graph whose tensors are all
+
+- plain ``torch.Tensor`` objects with no Python attributes, strided, on the CPU, of a
+  dtype with a legacy typed storage (every dtype but the ``float8``/``uint16``-``uint64``/
+  ``bits`` family), conjugate and negative bits included, ``requires_grad`` either way; or
+- ``nn.Parameter`` objects with no Python attributes over such data,
+
+and that holds no raw storage. Storages staged from CUDA tensors (pinned host copies)
+are recorded with their source device, as ``torch.save`` of the source does; those files
+load the same but are not byte-identical (torch's tagger makes a new device string per
+reference, which pickle then cannot share).
+
+**What falls back.** Anything else — tensor subclasses, tensors with attributes,
+quantized, sparse, nested, meta or non-CPU tensors, ``float8`` and other v3 dtypes, raw
+storages, views of one storage under two dtypes — makes it call ``torch.save`` for the
+whole object, before a byte is written.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import pickle
@@ -25,10 +40,19 @@ from typing import IO, Any
 import torch
 import torch.serialization
 
+from ._pool import device_tag_of
+from ._tensorstate import metadata_of
+
 __all__ = ("fast_torch_save",)
 
 _PROTOCOL = 2  # torch.save's default
-_STORAGE_TYPE_NAMES: dict[torch.dtype, str] = torch.storage._dtype_to_storage_type_map()
+_STORAGE_TYPES: dict[torch.dtype, Any] = {
+    dtype: getattr(torch, name)
+    for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+}
+_REBUILD_TENSOR = torch._utils._rebuild_tensor_v2
+_REBUILD_PARAMETER = torch._utils._rebuild_parameter
+_CPU = "cpu"
 
 
 class _Fallback(Exception):
@@ -36,15 +60,15 @@ class _Fallback(Exception):
 
 
 class _StorageRef:
-    """Stands for one storage in the pickle stream (turned into a persistent id)."""
+    """Stands for one storage in the pickle stream (turned into its persistent id)."""
 
-    __slots__ = ("dtype", "key", "location", "numel")
+    __slots__ = ("key", "location", "numel", "storage_type")
 
-    def __init__(self, key: str, dtype: torch.dtype, numel: int, location: str) -> None:
+    def __init__(self, storage_type: Any, key: str, location: str, numel: int) -> None:
+        self.storage_type = storage_type
         self.key = key
-        self.dtype = dtype
-        self.numel = numel
         self.location = location
+        self.numel = numel
 
 
 #: Tensors pickled between two voluntary releases of the GIL (see ``reducer_override``).
@@ -56,29 +80,43 @@ class _Pickler(pickle.Pickler):
         super().__init__(file, protocol=_PROTOCOL)
         self._count = 0
         self.storages: dict[str, torch.UntypedStorage] = {}
-        self._refs: dict[int, _StorageRef] = {}
+        self._refs: dict[int, tuple[_StorageRef, torch.dtype]] = {}
+        self._dtypes: dict[int, torch.dtype] = {}  # by data pointer, as torch.save checks
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is _StorageRef:
-            storage_type = getattr(torch, _STORAGE_TYPE_NAMES[obj.dtype])
-            return ("storage", storage_type, obj.key, obj.location, obj.numel)
+            # a new tuple per reference, as torch.save makes: pickle memoises tuples, so
+            # handing back one shared tuple would change the bytes of data.pkl
+            return ("storage", obj.storage_type, obj.key, obj.location, obj.numel)
         if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
             raise _Fallback("raw storage")
         return None
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is not torch.Tensor:
-            if isinstance(obj, torch.Tensor):
-                raise _Fallback("tensor subclass")
-            return NotImplemented
+        cls = type(obj)
+        if cls is torch.Tensor:
+            return self._reduce_tensor(obj)
+        if cls is torch.nn.Parameter:
+            # Parameter.__reduce_ex__ of a Parameter with no Python state
+            if obj.__dict__:
+                raise _Fallback("parameter with attributes")
+            return (
+                _REBUILD_PARAMETER,
+                (obj.data, obj.requires_grad, collections.OrderedDict()),
+            )
+        if isinstance(obj, torch.Tensor):
+            raise _Fallback("tensor subclass")
+        return NotImplemented
+
+    def _reduce_tensor(self, t: torch.Tensor) -> Any:
+        """Tensor.__reduce_ex__ of a plain strided CPU tensor with no Python state."""
         if (
-            obj.requires_grad
-            or not obj.is_cpu
-            or obj.layout != torch.strided
-            or obj.dtype not in _STORAGE_TYPE_NAMES
-            or obj.is_conj()
-            or obj.is_neg()
-            or obj.__dict__
+            not t.is_cpu
+            or t.layout is not torch.strided
+            or t.is_nested
+            or t.is_quantized
+            or t.dtype not in _STORAGE_TYPES
+            or t.__dict__
         ):
             raise _Fallback("tensor that torch.save treats specially")
         self._count += 1
@@ -87,33 +125,47 @@ class _Pickler(pickle.Pickler):
             # switch intervals (5 ms) and a training loop that releases it in every
             # torch op waits that long each time; a short sleep hands it over now.
             time.sleep(0)
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (
-                self._ref(obj),
-                obj.storage_offset(),
-                tuple(obj.size()),
-                obj.stride(),
-                False,
-                None,  # backward hooks: what a fresh tensor has; never one shared table
-            ),
+        args: tuple[Any, ...] = (
+            self._ref(t),
+            t.storage_offset(),
+            tuple(t.size()),
+            t.stride(),
+            t.requires_grad,
+            collections.OrderedDict(),  # backward hooks: never saved, as torch.save does
         )
+        metadata = metadata_of(t)
+        if metadata:
+            args = (*args, metadata)
+        return (_REBUILD_TENSOR, args)
 
     def _ref(self, t: torch.Tensor) -> _StorageRef:
         storage = t.untyped_storage()
-        ref = self._refs.get(storage._cdata)
-        if ref is None:
-            key = str(len(self._refs))
-            ref = _StorageRef(key, t.dtype, storage.nbytes() // t.element_size(), "cpu")
-            self._refs[storage._cdata] = ref
-            self.storages[key] = storage
-        elif ref.dtype != t.dtype:
-            raise _Fallback("views of one storage with different dtypes")
+        known = self._refs.get(storage._cdata)
+        if known is not None:
+            ref, dtype = known
+            if dtype is not t.dtype:
+                raise _Fallback("views of one storage with different dtypes")
+            return ref
+        ptr = storage.data_ptr()
+        if ptr:
+            seen = self._dtypes.setdefault(ptr, t.dtype)
+            if seen is not t.dtype:
+                raise _Fallback("views of one memory with different dtypes")
+        key = str(len(self._refs))
+        location = device_tag_of(storage) or _CPU
+        numel = storage.nbytes() // t.element_size()
+        ref = _StorageRef(_STORAGE_TYPES[t.dtype], key, location, numel)
+        self._refs[storage._cdata] = (ref, t.dtype)
+        self.storages[key] = storage
         return ref
 
 
 def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
-    """Save ``obj`` to the binary file ``f`` exactly as ``torch.save(obj, f)`` would load.
+    """Save ``obj`` to the binary file ``f``: the same bytes ``torch.save(obj, f)`` writes.
+
+    See the module docstring for what takes the fast path and what falls back to
+    ``torch.save``. Threading: safe to call from any thread; holds the GIL while
+    pickling (handing it over every few tensors), not while copying storage bytes.
 
     Raises:
         Whatever ``torch.save`` raises for ``obj`` (the fallback runs it).

@@ -18,6 +18,7 @@ import torch
 
 from ._fastsave import fast_torch_save
 from ._paths import Destination
+from ._pool import device_tags
 from ._storage import Storage
 
 __all__ = ("SaveRequest", "WriteOutcome", "execute_save", "execute_save_blocking")
@@ -35,6 +36,8 @@ class SaveRequest:
         append: append to the final file instead of replacing it (not atomic).
         fs: the file system (:class:`LocalFileSystem` or a ppe/PFIO-style one).
         durable: ``fsync`` the file and the directory.
+        device_tags: source devices of storages staged from CUDA tensors, recorded
+            in the file while writing (see :func:`snapwriter._pool.device_tags`).
     """
 
     dest: Destination
@@ -44,6 +47,7 @@ class SaveRequest:
     append: bool = False
     fs: Any = None
     durable: bool = True
+    device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,8 @@ async def execute_save(request: SaveRequest) -> WriteOutcome:
 
     Never blocks the event loop: ``savefun`` and ``fsync`` run in worker threads, the
     rename and the directory ``fsync`` through :mod:`aiofiles`. A plain ``torch.save``
-    (no extra keyword arguments) is replaced by :func:`fast_torch_save`, which writes a
-    file ``torch.load`` reads identically.
+    (no extra keyword arguments) is replaced by :func:`fast_torch_save`, which writes
+    the same file (byte for byte on its fast path; through ``torch.save`` otherwise).
 
     Raises:
         Whatever ``savefun`` or the file system raised. The final file is untouched and
@@ -72,14 +76,15 @@ async def execute_save(request: SaveRequest) -> WriteOutcome:
     if savefun is torch.save and not request.kwds:
         savefun = fast_torch_save  # same file, less time holding the GIL
     start = time.perf_counter()
-    if request.append:
-        nbytes = await anyio.to_thread.run_sync(
-            storage.write_append, request.dest, savefun, request.target, request.kwds
+    with device_tags(request.device_tags):
+        if request.append:
+            nbytes = await anyio.to_thread.run_sync(
+                storage.write_append, request.dest, savefun, request.target, request.kwds
+            )
+            return WriteOutcome(nbytes, time.perf_counter() - start, 0.0)
+        tmp, nbytes = await anyio.to_thread.run_sync(
+            storage.write_temp, request.dest, savefun, request.target, request.kwds
         )
-        return WriteOutcome(nbytes, time.perf_counter() - start, 0.0)
-    tmp, nbytes = await anyio.to_thread.run_sync(
-        storage.write_temp, request.dest, savefun, request.target, request.kwds
-    )
     written = time.perf_counter()
     await storage.acommit(tmp, request.dest)
     return WriteOutcome(nbytes, written - start, time.perf_counter() - written)

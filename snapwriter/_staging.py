@@ -1,17 +1,32 @@
-"""Staging: take a consistent copy of a target at call time.
+"""Staging: take a copy of a target at call time that *is* the target, as torch.save sees it.
 
 After :meth:`Stager.stage` returns, the staged value shares no mutable state with the
-caller's target: containers are rebuilt, tensors are copied into staging buffers, NumPy
-arrays are copied and any other object is deep-copied (through pickle when the save
-function is :func:`torch.save`, which also proves it will serialize).
+caller's target, and ``torch.save`` of it writes what ``torch.save`` of the target would
+have written at the call: the same object graph and the same records.
 
-Staging buffers are *arenas*: one flat buffer per dtype (pinned host memory for CUDA
-sources) with every tensor a view into it. An arena is reused by the next call whose
-tensors have the same dtypes and shapes, so a warm writer allocates nothing per snapshot.
-Because the staged tensors of one dtype share a storage, :func:`torch.save` writes one
-record per dtype instead of one per tensor, which is what makes states of tens of
-thousands of small tensors fast to write. The file still loads with plain
-:func:`torch.load`; loaded tensors of one dtype are views of one storage.
+How each kind of object is copied (one function each, below):
+
+- **containers** (dict, list, tuple; any other object through its pickle reduction:
+  OrderedDict with ``_metadata``, defaultdict, namedtuple, set, dataclasses, plain
+  objects): rebuilt by one memoised walk, so an object reached twice is copied once and
+  cycles are kept, as :func:`copy.deepcopy` does.
+- **plain tensors** (strided CPU/CUDA tensors of class ``Tensor``, ``Parameter`` or a
+  subclass without its own ``__torch_dispatch__``): each distinct *storage* is copied once
+  into a pooled staged storage of the same size (:class:`~snapwriter._pool.Arena`), and
+  every tensor is rebuilt over it with its class, storage offset, size, stride,
+  conjugate/negative bits, ``requires_grad`` and Python state. Tensors that shared a
+  storage still share one; expanded views stay expanded; tied weights stay tied.
+- **special tensors** (quantized, sparse, nested, wrapper subclasses, other devices):
+  copied by torch's own ``__deepcopy__`` (same memo, so sharing is kept), or where torch
+  has none, by a ``torch.save``/``torch.load`` round trip in memory.
+- **other leaves** (objects with ``__deepcopy__`` such as NumPy arrays and Enums):
+  their own deep copy. Functions and classes are kept as references, as pickle keeps
+  them; with ``check_pickle`` they and every reduced object are checked to pickle.
+
+CUDA sources are copied into pinned host memory on a side stream with
+``non_blocking=True``; :meth:`StagedTarget.wait` waits for the copy, and
+:attr:`StagedTarget.device_tags` lets the write phase record the source device so the
+file says ``cuda:N`` exactly as torch.save's does.
 
 Threading: ``stage`` runs in the caller's thread (it must, to be consistent). Arenas are
 handed out under a lock; one arena is never used by two pending snapshots.
@@ -20,16 +35,23 @@ handed out under a lock; one arena is never used by two pending snapshots.
 from __future__ import annotations
 
 import copy
+import copyreg
 import gc
+import io
 import pickle
 import threading
 import time
+import types
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._exceptions import StagingError
+from ._pool import Arena
+from ._tensorstate import metadata_of, set_metadata, set_state, state_of
 
 try:  # NumPy is optional.
     import numpy as _np
@@ -38,73 +60,39 @@ except ImportError:  # pragma: no cover - numpy is installed with torch in pract
 
 __all__ = ("StagedTarget", "Stager")
 
-_ALIGN_BYTES = 64
-_IMMUTABLE_LEAVES: tuple[type, ...] = (
-    int,
-    float,
-    complex,
-    bool,
-    str,
-    bytes,
-    type(None),
-    torch.dtype,
-    torch.device,
-    torch.Size,
-    torch.memory_format,
-    torch.layout,
-    range,
-    slice,
-    type(Ellipsis),
+#: Values that are immutable and copied by reference, as copy.deepcopy does.
+_ATOMIC: frozenset[type] = frozenset(
+    {
+        type(None),
+        int,
+        float,
+        bool,
+        complex,
+        str,
+        bytes,
+        range,
+        slice,
+        type(Ellipsis),
+        type(NotImplemented),
+        torch.dtype,
+        torch.device,
+        torch.Size,
+        torch.memory_format,
+        torch.layout,
+        torch.qscheme,
+    }
 )
-
-_Signature = tuple[tuple[torch.dtype, tuple[int, ...], bool], ...]
-
-
-@dataclass
-class _Arena:
-    """Reusable staging buffers for one layout of tensors."""
-
-    signature: _Signature = ()
-    views: list[torch.Tensor] = field(default_factory=list)
-    flats: dict[tuple[torch.dtype, bool], torch.Tensor] = field(default_factory=dict)
-    allocations: int = 0  # how many times a flat buffer was (re)allocated
-
-    def fit(self, sig: _Signature) -> list[torch.Tensor]:
-        """Return one view per entry of ``sig``, reusing buffers when they fit."""
-        if sig == self.signature:
-            return self.views
-        offsets: list[int] = []
-        totals: dict[tuple[torch.dtype, bool], int] = {}
-        for dtype, shape, pinned in sig:
-            key = (dtype, pinned)
-            start = totals.get(key, 0)
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            align = max(1, _ALIGN_BYTES // itemsize)
-            offsets.append(start)
-            totals[key] = start + -(-numel // align) * align
-        flats: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
-        for key, total in totals.items():
-            old = self.flats.get(key)
-            if old is not None and old.numel() == max(total, 1):
-                flats[key] = old
-            else:
-                # Exactly sized: the whole buffer is what torch.save writes, so a bigger
-                # one would carry stale bytes of an earlier snapshot into this file.
-                # Zeroed once per allocation: the alignment gaps never hold old memory.
-                dtype, pinned = key
-                flats[key] = torch.zeros(max(total, 1), dtype=dtype, pin_memory=pinned)
-                self.allocations += 1
-        views = []
-        for (dtype, shape, pinned), start in zip(sig, offsets, strict=True):
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            views.append(flats[(dtype, pinned)][start : start + numel].view(shape))
-        self.signature, self.views, self.flats = sig, views, flats
-        return views
+#: Kept by reference too, but pickled by name: ``check_pickle`` proves the name resolves.
+_BY_NAME: tuple[type, ...] = (
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.CodeType,
+    weakref.ref,
+    property,
+)
+_PLAIN_DEVICES = frozenset({"cpu", "cuda"})
 
 
 @dataclass
@@ -113,15 +101,18 @@ class StagedTarget:
 
     Attributes:
         value: the staged copy, ready to hand to ``savefun`` once :meth:`wait` returned.
-        tensor_bytes: bytes of tensor data copied into staging buffers.
+        tensor_bytes: bytes of storage data copied into staging buffers.
         seconds: wall time the call spent staging.
+        device_tags: ``(staged storage, "cuda:N")`` for every storage staged from a
+            CUDA tensor, for :func:`snapwriter._pool.device_tags` while writing.
     """
 
     value: Any
     tensor_bytes: int = 0
     seconds: float = 0.0
+    device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
     _events: list[Any] = field(default_factory=list)
-    _arena: _Arena | None = None
+    _arena: Arena | None = None
 
     def wait(self) -> None:
         """Block until asynchronous device-to-host copies have finished.
@@ -134,149 +125,132 @@ class StagedTarget:
 
 
 class Stager:
-    """Stages targets into reusable buffers (one :class:`_Arena` per pending snapshot).
+    """Stages targets into reusable staging storages (one :class:`Arena` per pending save).
 
     Attributes:
-        allocations: how many flat staging buffers were allocated so far; constant
-            once the writer is warm.
+        allocations: how many staged storages were allocated so far; constant once the
+            writer is warm and the layout of what it saves does not change.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: list[_Arena] = []
+        self._free: list[Arena] = []
         self._streams: dict[torch.device, Any] = {}
+        self._closed = False
         self.allocations = 0
 
     def stage(self, target: Any, *, check_pickle: bool = True) -> StagedTarget:
         """Copy ``target`` so later mutation of it cannot reach the snapshot.
 
         Args:
-            target: any nesting of dicts, lists, tuples, tensors, arrays and objects.
-            check_pickle: copy other objects through :mod:`pickle`, so one that cannot
-                be serialized fails here, at call time; otherwise deep-copy them.
+            target: any object ``torch.save`` accepts.
+            check_pickle: prove at call time that every non-tensor object pickles (the
+                save function is ``torch.save``), so one that cannot fails here.
+
+        Returns:
+            The staged copy; give it back with :meth:`release` once written.
 
         Raises:
             StagingError: an object in the target cannot be copied or pickled. The
                 original exception is chained.
         """
         start = time.perf_counter()
-        # Staging makes a few Python objects per tensor; with tens of thousands of tensors
-        # the cyclic collector would run several full passes during the call. None of
-        # these objects form cycles: pause it for the call.
+        arena = self._take_arena()
+        # Staging makes a few Python objects per tensor and none of them is garbage:
+        # with tens of thousands of tensors the cyclic collector would run several full
+        # passes during the call. Pause it for the call.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._stage(target, check_pickle, start)
+            walk = _Walk(arena, check_pickle)
+            try:
+                value = walk.stage(target)
+            except StagingError:
+                raise
+            except RecursionError as exc:
+                raise StagingError("cannot stage target: it is nested too deeply") from exc
+            except Exception as exc:
+                raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
+            try:
+                events = self._copy(walk.copies)
+            except Exception as exc:
+                raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            arena.finish()
+            self.release_arena(arena)
+            raise
         finally:
             if gc_was_enabled:
                 gc.enable()
-
-    def _stage(self, target: Any, check_pickle: bool, start: float) -> StagedTarget:
-        tensors: list[torch.Tensor] = []
-        seen: dict[int, int] = {}
-        try:
-            skeleton = _collect(target, tensors, seen, check_pickle)
-        except StagingError:
-            raise
-        except Exception as exc:
-            raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
-        arena = self._take_arena()
-        staged: list[torch.Tensor] = []
-        events: list[Any] = []
-        try:
-            staged, events = self._copy(tensors, arena)
-        except Exception as exc:
-            self.release_arena(arena)
-            raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
-        value = _fill(skeleton, staged)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        arena.finish()
+        with self._lock:
+            self.allocations += walk.allocations
         return StagedTarget(
             value=value,
-            tensor_bytes=nbytes,
+            tensor_bytes=walk.nbytes,
             seconds=time.perf_counter() - start,
+            device_tags=walk.device_tags,
             _events=events,
             _arena=arena,
         )
 
     def release(self, staged: StagedTarget) -> None:
-        """Give the staged buffers back for reuse; the staged value must not be used after."""
+        """Give the staged storages back for reuse; the staged value must not be used after."""
         arena, staged._arena = staged._arena, None
         if arena is not None:
             self.release_arena(arena)
 
-    def release_arena(self, arena: _Arena) -> None:
+    def release_arena(self, arena: Arena) -> None:
         with self._lock:
-            self._free.append(arena)
+            if not self._closed:
+                self._free.append(arena)
+                return
+        arena.clear()
 
-    def _take_arena(self) -> _Arena:
-        with self._lock:
-            return self._free.pop() if self._free else _Arena()
+    def close(self) -> None:
+        """Free all staging memory: idle arenas now, arenas still in use when released.
 
-    def _copy(
-        self, tensors: list[torch.Tensor], arena: _Arena
-    ) -> tuple[list[torch.Tensor], list[Any]]:
-        """Copy ``tensors`` into the arena (plain tensors) or fresh clones (others).
-
-        Written for tens of thousands of tensors: per-tensor work is list comprehensions
-        and one batched ``torch._foreach_copy_``.
+        Called by the writer's ``finalize()``/``aclose()``. A closed stager can still
+        stage (it then allocates afresh and frees on release).
         """
-        types = {type(t) for t in tensors}
-        dtypes = [t.dtype for t in tensors]
-        on_cuda = [t.is_cuda for t in tensors]
-        all_plain = (
-            types <= _PLAIN_TYPES
-            and {t.layout for t in tensors} <= {torch.strided}
-            and not (set(dtypes) & _QUANTIZED)
-            and all(c or t.is_cpu for c, t in zip(on_cuda, tensors, strict=True))
-        )
-        if all_plain:
-            plain = list(range(len(tensors)))
-            special: dict[int, torch.Tensor] = {}
-        else:
-            plain = [i for i, t in enumerate(tensors) if _plain_tensor(t)]
-            special = {i: t.detach().clone() for i, t in enumerate(tensors) if not _plain_tensor(t)}
-        sig: _Signature = tuple(
-            zip(
-                [dtypes[i] for i in plain] if special else dtypes,
-                [tensors[i].size() for i in plain],
-                [on_cuda[i] for i in plain] if special else on_cuda,
-                strict=True,
-            )
-        )
-        before = arena.allocations
-        views = arena.fit(sig)
-        self.allocations += arena.allocations - before
-        srcs = [tensors[i] for i in plain] if special else tensors
-        events: list[Any] = []
-        with torch.no_grad():
-            if not any(on_cuda):
-                if srcs:
-                    torch._foreach_copy_(views, srcs)
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for arena in free:
+            arena.clear()
+
+    def _take_arena(self) -> Arena:
+        with self._lock:
+            return self._free.pop() if self._free else Arena()
+
+    def _copy(self, copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]]) -> list[Any]:
+        """Copy every source storage into its staged storage; return CUDA events to wait on.
+
+        CPU sources: one batched ``torch._foreach_copy_`` over byte views. CUDA sources:
+        a side stream per device, so the call returns before the copy finishes.
+        """
+        if not copies:
+            return []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for staged, source in copies:
+            d = _bytes_of(staged)
+            s = _bytes_of(source)
+            if source.device.type == "cuda":
+                by_device.setdefault(source.device, []).append((d, s))
             else:
-                cpu_pairs = [(v, t) for v, t in zip(views, srcs, strict=True) if not t.is_cuda]
-                if cpu_pairs:
-                    torch._foreach_copy_([v for v, _ in cpu_pairs], [t for _, t in cpu_pairs])
-                by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-                for v, t in zip(views, srcs, strict=True):
-                    if t.is_cuda:
-                        by_device.setdefault(t.device, []).append((v, t))
-                for device, pairs in by_device.items():
-                    events.append(self._copy_from_device(device, pairs))
-        if not special and torch.nn.Parameter not in types:
-            return list(views), events
-        out: list[torch.Tensor] = []
-        it = iter(views)
-        for i, t in enumerate(tensors):
-            staged = special[i] if i in special else next(it)
-            if type(t) is torch.nn.Parameter:
-                staged = torch.nn.Parameter(staged, requires_grad=t.requires_grad)
-            out.append(staged)
-        return out, events
+                dst.append(d)
+                src.append(s)
+        with torch.no_grad():
+            if dst:
+                torch._foreach_copy_(dst, src)
+            return [self._copy_from_device(device, pairs) for device, pairs in by_device.items()]
 
     def _copy_from_device(
         self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> Any:
-        """Copy CUDA tensors into pinned buffers on a side stream; return the event."""
+        """Copy CUDA storages into pinned buffers on a side stream; return the event."""
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
@@ -284,7 +258,7 @@ class Stager:
         stream.wait_stream(current)  # the copy sees every kernel queued so far
         with torch.cuda.stream(stream):
             for dst, src in pairs:
-                dst.copy_(src.detach(), non_blocking=True)
+                dst.copy_(src, non_blocking=True)
                 src.record_stream(stream)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
@@ -294,115 +268,301 @@ class Stager:
         return event
 
 
-_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
-_QUANTIZED = frozenset(
-    getattr(torch, name)
-    for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
-    if hasattr(torch, name)
-)
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole of ``storage``."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _plain_tensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` can be staged into a flat arena buffer (strided, CPU or CUDA)."""
-    return (
-        type(t) in _PLAIN_TYPES
-        and t.layout == torch.strided
-        and t.dtype not in _QUANTIZED
-        and (t.is_cpu or t.is_cuda)
-    )
+_MISSING = object()
 
 
-class _Slot:
-    """Placeholder for the n-th collected tensor inside a skeleton."""
+class _Walk:
+    """One staging pass over a target: a memoised copy of its object graph.
 
-    __slots__ = ("index",)
+    ``memo`` maps ``id(original)`` to its copy and is also the memo handed to
+    ``__deepcopy__`` methods, so objects they copy and objects this walk copies are
+    shared; ``memo["torch"]`` maps source storages to staged ones for torch's own
+    tensor ``__deepcopy__``, so a special tensor over a staged storage shares it too.
+    """
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self, arena: Arena, check_pickle: bool) -> None:
+        self.arena = arena
+        self.check_pickle = check_pickle
+        self.memo: dict[Any, Any] = {}
+        self.keep: list[Any] = []  # originals whose ids are memo keys stay alive
+        self.storages: dict[int, torch.UntypedStorage] = {}
+        self.copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
+        self.nbytes = 0
+        self.allocations = 0
+        self._torch_memo: dict[int, torch.UntypedStorage] = {}
+        self.memo["torch"] = self._torch_memo
+        self._dispatch: dict[type, Callable[[Any], Any]] = {
+            dict: self._dict,
+            list: self._list,
+            tuple: self._tuple,
+            torch.Tensor: self._tensor,
+            torch.nn.Parameter: self._tensor,
+        }
 
+    def stage(self, obj: Any) -> Any:
+        """The staged copy of ``obj`` (memoised)."""
+        cls = type(obj)
+        if cls in _ATOMIC:
+            return obj
+        key = id(obj)
+        done = self.memo.get(key, _MISSING)
+        if done is not _MISSING:
+            return done
+        copier = self._dispatch.get(cls)
+        if copier is not None:
+            return copier(obj)
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj)
+        if issubclass(cls, _BY_NAME):
+            return self._by_name(obj)
+        if _np is not None and cls is _np.ndarray and not obj.dtype.hasobject:
+            return self._array(obj)
+        return self._object(obj)
 
-def _collect(
-    obj: Any, tensors: list[torch.Tensor], seen: dict[int, int], check_pickle: bool
-) -> Any:
-    """Rebuild containers with tensors replaced by slots; copy every other leaf."""
-    cls = type(obj)
-    if cls in _IMMUTABLE_LEAVES:
-        return obj
-    if cls in _PLAIN_TYPES or isinstance(obj, torch.Tensor):
-        return _slot(obj, tensors, seen)
-    if cls is dict:  # the hot path: a state_dict of many tensors
-        out = {}
+    def _remember(self, original: Any, copied: Any) -> None:
+        self.memo[id(original)] = copied
+        self.keep.append(original)
+
+    # -- containers ------------------------------------------------------------------
+
+    def _dict(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        """A plain dict: rebuilt key by key (memoised first, so it may contain itself)."""
+        out: dict[Any, Any] = {}
+        self._remember(obj, out)
+        stage, tensor = self.stage, self._tensor
         for k, v in obj.items():
             vcls = type(v)
-            if vcls in _PLAIN_TYPES:
-                out[k] = _slot(v, tensors, seen)
-            elif vcls in _IMMUTABLE_LEAVES:
-                out[k] = v
+            if vcls in _ATOMIC:
+                out[stage(k)] = v
+            elif vcls is torch.Tensor and id(v) not in self.memo:
+                out[stage(k)] = tensor(v)
             else:
-                out[k] = _collect(v, tensors, seen, check_pickle)
+                out[stage(k)] = stage(v)
         return out
-    if isinstance(obj, dict):  # OrderedDict (with state_dict's _metadata), defaultdict...
-        new = copy.copy(obj)
-        for k, v in obj.items():
-            new[k] = _collect(v, tensors, seen, check_pickle)
-        return new
-    if cls is list:
-        return [_collect(v, tensors, seen, check_pickle) for v in obj]
-    if cls is tuple:
-        return tuple(_collect(v, tensors, seen, check_pickle) for v in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return cls(*(_collect(v, tensors, seen, check_pickle) for v in obj))
-    if _np is not None and isinstance(obj, _np.ndarray):
-        if obj.dtype.hasobject:
-            return copy.deepcopy(obj)
-        return obj.copy()
-    if _np is not None and isinstance(obj, _np.generic):
-        return obj
-    if check_pickle:
+
+    def _list(self, obj: list[Any]) -> list[Any]:
+        """A plain list: rebuilt item by item (memoised first, so it may contain itself)."""
+        out: list[Any] = []
+        self._remember(obj, out)
+        stage = self.stage
+        out.extend(stage(v) for v in obj)
+        return out
+
+    def _tuple(self, obj: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A tuple: kept when nothing in it changed, as deepcopy does (same identities)."""
+        items = [self.stage(v) for v in obj]
+        done = self.memo.get(id(obj), _MISSING)
+        if done is not _MISSING:  # reached again through a cycle while copying its items
+            return done  # type: ignore[no-any-return]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        out = tuple(items)
+        self._remember(obj, out)
+        return out
+
+    def _array(self, obj: Any) -> Any:
+        """A NumPy array of plain values: ``copy(order="K")``, the layout pickle sees."""
+        out = obj.copy(order="K")
+        self._remember(obj, out)
+        return out
+
+    def _object(self, obj: Any) -> Any:
+        """Any other object: its own ``__deepcopy__``, or rebuilt from its pickle reduction.
+
+        The reduction is what pickle (and so torch.save) writes of the object, so the
+        staged object pickles the same; its parts are staged by this walk.
+        """
+        cls = type(obj)
+        deepcopy = getattr(obj, "__deepcopy__", None)
+        if deepcopy is not None and not isinstance(obj, type):
+            out = deepcopy(self.memo)
+            self._remember(obj, out)
+            if self.check_pickle:
+                self._check_pickles(obj)
+            return out
+        reductor = copyreg.dispatch_table.get(cls)
         try:
-            return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+            rv = reductor(obj) if reductor is not None else obj.__reduce_ex__(4)
         except Exception as exc:
-            raise StagingError(
-                f"cannot stage an object of type {cls.__module__}.{cls.__qualname__}: "
-                f"it does not pickle ({type(exc).__name__}: {exc})"
-            ) from exc
-    try:
-        return copy.deepcopy(obj)
-    except Exception as exc:
-        raise StagingError(
-            f"cannot stage an object of type {cls.__module__}.{cls.__qualname__}: "
-            f"it cannot be deep-copied ({type(exc).__name__}: {exc})"
-        ) from exc
+            raise _unstageable(obj, "it does not pickle", exc) from exc
+        if isinstance(rv, str):  # a global, pickled by name
+            return self._by_name(obj)
+        return self._reconstruct(obj, *rv)
+
+    def _reconstruct(
+        self,
+        obj: Any,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        state: Any = None,
+        listiter: Any = None,
+        dictiter: Any = None,
+        *_rest: Any,
+    ) -> Any:
+        """Mirror of :func:`copy._reconstruct` with this walk as the deep copier."""
+        if self.check_pickle:
+            self._check_pickles(func)
+        out = func(*[self.stage(a) for a in args])
+        self._remember(obj, out)
+        if state is not None:
+            state = self.stage(state)
+            if hasattr(out, "__setstate__"):
+                out.__setstate__(state)
+            else:
+                slotstate = None
+                if isinstance(state, tuple) and len(state) == 2:
+                    state, slotstate = state
+                if state:
+                    out.__dict__.update(state)
+                if slotstate:
+                    for k, v in slotstate.items():
+                        setattr(out, k, v)
+        if listiter is not None:
+            for item in listiter:
+                out.append(self.stage(item))
+        if dictiter is not None:
+            for k, v in dictiter:
+                out[self.stage(k)] = self.stage(v)
+        return out
+
+    def _by_name(self, obj: Any) -> Any:
+        """Functions, classes and the like: kept by reference; checked to pickle by name."""
+        if self.check_pickle:
+            self._check_pickles(obj)
+        return obj
+
+    def _check_pickles(self, obj: Any) -> None:
+        try:
+            _NullPickler().dump(obj)
+        except Exception as exc:
+            raise _unstageable(obj, "it does not pickle", exc) from exc
+
+    # -- tensors ---------------------------------------------------------------------
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if (
+            t.layout is torch.strided
+            and not t.is_nested
+            and not t.is_quantized
+            and (t.is_cpu or t.is_cuda)
+            and (type(t) in _FAST_CLASSES or _plain_subclass(type(t)))
+            and torch._C._has_storage(t)
+        ):
+            return self._plain_tensor(t)
+        if t.is_quantized and type(t) is torch.Tensor:
+            return self._quantized_tensor(t)
+        return self._special_tensor(t)
+
+    def _plain_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Rebuilt over its staged storage with everything ``Tensor.__reduce_ex__`` saves."""
+        staged = self._staged_storage(t.untyped_storage())
+        out = torch.empty(0, dtype=t.dtype).set_(staged, t.storage_offset(), t.size(), t.stride())
+        metadata = metadata_of(t)  # conj / neg bits
+        if metadata:
+            set_metadata(out, metadata)
+        cls = type(t)
+        if cls is not torch.Tensor:
+            # what Parameter.__new__ and torch's rebuild of a subclass do
+            out = torch.Tensor._make_subclass(cls, out, t.requires_grad)
+        elif t.requires_grad:
+            out.requires_grad_(True)
+        self._remember(t, out)
+        if cls is torch.Tensor and not t.__dict__:
+            return out
+        state = state_of(t)
+        if state:
+            set_state(out, self.stage(state))
+        return out
+
+    def _staged_storage(self, source: torch.UntypedStorage) -> torch.UntypedStorage:
+        """The staged copy of ``source``: one per distinct storage, taken from the arena."""
+        staged = self.storages.get(source._cdata)
+        if staged is not None:
+            return staged
+        nbytes = source.nbytes()
+        on_cuda = source.device.type == "cuda"
+        before = self.arena.allocations
+        staged = self.arena.take(nbytes, pinned=on_cuda)
+        self.allocations += self.arena.allocations - before
+        self.storages[source._cdata] = staged
+        self.copies.append((staged, source))
+        self.nbytes += nbytes
+        if on_cuda:
+            self.device_tags.append((staged, f"cuda:{source.device.index or 0}"))
+        else:
+            # torch's __deepcopy__ of a special tensor over this storage reuses the copy
+            self._torch_memo[source._cdata] = staged
+        return staged
+
+    def _quantized_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``clone()`` keeps the quantizer: qscheme, scale(s), zero point(s) and axis."""
+        out = t.clone()
+        self._remember(t, out)
+        if t.__dict__:
+            set_state(out, self.stage(state_of(t)))
+        return out
+
+    def _special_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Quantized, sparse, nested, wrapper subclasses, other devices, non-leaf tensors.
+
+        torch's own ``__deepcopy__`` keeps quantization parameters, sparse indices and
+        subclass state (and shares storages through the memo); where it refuses (nested
+        tensors, non-leaf tensors requiring grad), ``torch.save`` itself copies the tensor.
+        """
+        try:
+            out = copy.deepcopy(t, self.memo)
+        except Exception:
+            out = _round_trip(t)
+        self._remember(t, out)
+        return out
 
 
-def _slot(t: torch.Tensor, tensors: list[torch.Tensor], seen: dict[int, int]) -> _Slot:
-    index = seen.get(id(t))
-    if index is None:
-        index = seen[id(t)] = len(tensors)
-        tensors.append(t)
-    return _Slot(index)
+_FAST_CLASSES = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
-def _fill(skeleton: Any, staged: list[torch.Tensor]) -> Any:
-    """Replace slots in a skeleton by staged tensors (skeleton containers are ours)."""
-    cls = type(skeleton)
-    if cls is _Slot:
-        return staged[skeleton.index]
-    if cls in _IMMUTABLE_LEAVES:
-        return skeleton
-    if isinstance(skeleton, dict):
-        for k, v in skeleton.items():
-            if type(v) is _Slot:
-                skeleton[k] = staged[v.index]
-            elif type(v) not in _IMMUTABLE_LEAVES:
-                skeleton[k] = _fill(v, staged)
-        return skeleton
-    if cls is list:
-        for i, v in enumerate(skeleton):
-            skeleton[i] = _fill(v, staged)
-        return skeleton
-    if cls is tuple:
-        return tuple(_fill(v, staged) for v in skeleton)
-    if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
-        return cls(*(_fill(v, staged) for v in skeleton))
-    return skeleton
+def _plain_subclass(cls: type) -> bool:
+    """A subclass whose instances are ordinary tensors with Python state (not wrappers)."""
+    return getattr(cls, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__
+
+
+def _round_trip(t: torch.Tensor) -> torch.Tensor:
+    """``torch.load(torch.save(t))`` in memory: torch's own serializer makes the copy."""
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    buffer.seek(0)
+    out: torch.Tensor = torch.load(buffer, weights_only=False)
+    return out
+
+
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+class _NullPickler(pickle.Pickler):
+    """Pickles into nothing, standing tensors and storages in by reference (no data)."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.storage.TypedStorage)):
+            return id(obj)
+        return None
+
+
+def _unstageable(obj: Any, why: str, exc: BaseException) -> StagingError:
+    cls = type(obj)
+    return StagingError(
+        f"cannot stage an object of type {cls.__module__}.{cls.__qualname__}: "
+        f"{why} ({type(exc).__name__}: {exc})"
+    )

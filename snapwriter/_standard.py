@@ -168,6 +168,7 @@ class StandardWriter(Writer):
             if do_stage:
                 staged = self._stager.stage(target, check_pickle=request.savefun is torch.save)
                 request.target = staged.value
+                request.device_tags = staged.device_tags
             job = _Job(
                 request=request,
                 filename=request.dest.relpath,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from snapwriter._fastsave import fast_torch_save
+from snapwriter._fastsave import _Pickler, fast_torch_save
 from snapwriter._staging import Stager
 from tests.conftest import assert_same, make_state
 
@@ -35,13 +35,56 @@ def test_state_round_trips_like_torch_save(weights_only: bool) -> None:
     assert_same(_reference(state), _round_trip(state, weights_only=weights_only))
 
 
-def test_staged_views_share_one_storage_per_dtype() -> None:
+def test_staged_state_keeps_one_storage_per_original_storage() -> None:
     state = {f"p{i}": torch.full((3, 5), float(i)) for i in range(100)}
     state["i"] = torch.arange(7)
+    state["view"] = state["p3"][1]
     staged = Stager().stage(state).value
     loaded = _round_trip(staged, weights_only=True)
     assert_same(state, loaded)
-    assert loaded["p0"].untyped_storage().data_ptr() == loaded["p99"].untyped_storage().data_ptr()
+    ptr = loaded["p0"].untyped_storage().data_ptr()
+    assert loaded["p99"].untyped_storage().data_ptr() != ptr
+    assert loaded["p0"].untyped_storage().nbytes() == 15 * 4
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["p3"].untyped_storage().data_ptr()
+
+
+def _torch_save_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _fast_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    fast_torch_save(obj, buf)
+    return buf.getvalue()
+
+
+def test_fast_path_is_byte_identical_to_torch_save() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    base = torch.arange(20.0)
+    obj = {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "params": list(model.parameters()),
+        "view": base[2:8:2],
+        "base": base,
+        "expanded": torch.ones(10).expand(10, 10),
+        "grad": torch.ones(2, requires_grad=True),
+        "conj": torch.randn(3, dtype=torch.complex64).conj(),
+        "bf16": torch.ones(3, dtype=torch.bfloat16),
+        "empty": torch.empty(0),
+        "scalar": torch.tensor(3.0),
+        "py": [1, (2, "x"), {"k": None}],
+    }
+    pickler = _Pickler(io.BytesIO())
+    pickler.dump(obj)  # takes the fast path (raises _Fallback otherwise)
+    assert _fast_bytes(obj) == _torch_save_bytes(obj)
+    staged = Stager().stage(obj).value
+    assert _fast_bytes(staged) == _torch_save_bytes(obj)
 
 
 def test_shared_and_strided_views_keep_their_layout() -> None:

@@ -1,0 +1,109 @@
+"""Staging memory: reusable per-storage buffers, and the device tags of staged storages.
+
+Staging copies *storages*, one staged storage per original storage, so the file carries
+one record per storage with that storage's size, exactly as :func:`torch.save` writes it.
+The staged storages of one pending snapshot form an :class:`Arena`; when the snapshot is
+written the arena goes back to the :class:`~snapwriter._staging.Stager`, and the next
+snapshot takes its storages by size: a warm writer saving the same layout allocates
+nothing. Storages an arena no longer needs are dropped at the end of the next staging,
+so what staging holds is bounded by ``max_pending`` snapshots' worth of storages.
+
+Storages staged from a CUDA tensor live in pinned host memory. So that the file records
+the *source* device, as ``torch.save`` of the original tensor would, the write phase
+registers those storages' device tags (:func:`device_tags`) with a tagger that
+:mod:`torch.serialization` consults before its own ``cpu`` tagger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.serialization
+
+__all__ = ("Arena", "device_tag_of", "device_tags")
+
+_Key = tuple[int, bool]  # (nbytes, pinned)
+
+
+class Arena:
+    """The staged storages of one pending snapshot, reused by a later one of the same sizes.
+
+    Not thread-safe: one arena is used by one staging call at a time (the
+    :class:`~snapwriter._staging.Stager` hands arenas out under its lock).
+
+    Attributes:
+        allocations: how many staged storages this arena has allocated so far.
+    """
+
+    def __init__(self) -> None:
+        self._spare: dict[_Key, list[torch.UntypedStorage]] = {}
+        self._used: dict[_Key, list[torch.UntypedStorage]] = {}
+        self.allocations = 0
+
+    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        """A staged storage of exactly ``nbytes`` bytes (pinned host memory if asked)."""
+        key = (nbytes, pinned)
+        spare = self._spare.get(key)
+        if spare:
+            storage = spare.pop()
+        else:
+            # Exactly sized: the whole storage is what torch.save writes. Uninitialised
+            # is fine: every byte is overwritten by the copy of its source storage.
+            storage = torch.UntypedStorage(nbytes, device="cpu")  # type: ignore[no-untyped-call]
+            if pinned:
+                storage = storage.pin_memory()
+            self.allocations += 1
+        self._used.setdefault(key, []).append(storage)
+        return storage
+
+    def finish(self) -> None:
+        """End a staging call: storages it did not take are freed, the rest kept for reuse."""
+        self._spare, self._used = self._used, {}
+
+    def clear(self) -> None:
+        """Drop every storage (the arena allocates afresh next time)."""
+        self._spare.clear()
+        self._used.clear()
+
+
+# -- device tags of staged storages -------------------------------------------------------
+
+_tags: dict[int, str] = {}
+_tags_lock = threading.Lock()
+
+
+def device_tag_of(storage: Any) -> str | None:
+    """The source device (``"cuda:0"``...) of a staged storage, or None for any other."""
+    untyped = getattr(storage, "_untyped_storage", storage)
+    return _tags.get(untyped._cdata)
+
+
+def _no_restore(obj: Any, location: str) -> None:
+    """Loading is left to torch's own deserializers (``cuda`` tags go to CUDA)."""
+    return None
+
+
+# Priority 1: consulted before torch's cpu tagger (10), so a pinned staged copy of a
+# CUDA storage is recorded with its source device, as torch.save of the source would.
+torch.serialization.register_package(1, device_tag_of, _no_restore)
+
+
+@contextlib.contextmanager
+def device_tags(pairs: list[tuple[torch.UntypedStorage, str]]) -> Iterator[None]:
+    """Record each staged storage of ``pairs`` with its source device while writing."""
+    if not pairs:
+        yield
+        return
+    keys = [(storage._cdata, tag) for storage, tag in pairs]
+    with _tags_lock:
+        _tags.update(keys)
+    try:
+        yield
+    finally:
+        with _tags_lock:
+            for cdata, _tag in keys:
+                _tags.pop(cdata, None)

@@ -1,0 +1,42 @@
+"""What torch's tensor reducers save of a tensor besides its storage and geometry.
+
+Typed access to the private torch helpers that ``Tensor.__reduce_ex__`` itself uses, so
+staging and the serializer record exactly the same things: the conjugate/negative bits
+(``get_tensor_metadata``) and the Python state of a tensor (``__dict__`` and slots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch._utils
+
+__all__ = ("metadata_of", "set_metadata", "set_state", "state_of")
+
+_get_metadata: Any = getattr(torch._C, "_get_tensor_metadata")  # noqa: B009
+_set_metadata: Any = getattr(torch._C, "_set_tensor_metadata")  # noqa: B009
+_get_state: Any = torch._utils._get_obj_state
+_set_state: Any = torch._utils._set_obj_state
+
+
+def metadata_of(t: torch.Tensor) -> dict[str, bool]:
+    """The conj/neg bits torch.save records (empty for most tensors)."""
+    metadata: dict[str, bool] = _get_metadata(t)
+    return metadata
+
+
+def set_metadata(t: torch.Tensor, metadata: dict[str, bool]) -> None:
+    """Set the bits :func:`metadata_of` returned, as torch's rebuild does on load."""
+    _set_metadata(t, metadata)
+
+
+def state_of(t: torch.Tensor) -> Any:
+    """The Python state pickled with a tensor subclass or a tensor with attributes."""
+    return _get_state(t)
+
+
+def set_state(t: torch.Tensor, state: Any) -> torch.Tensor:
+    """Give ``t`` the Python state :func:`state_of` returned; returns ``t``."""
+    out: torch.Tensor = _set_state(t, state)
+    return out
