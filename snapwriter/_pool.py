@@ -24,9 +24,58 @@ from typing import Any
 import torch
 import torch.serialization
 
-__all__ = ("Arena", "device_tag_of", "device_tags")
+__all__ = ("Arena", "StagedStorage", "device_tag_of", "device_tags")
 
 _Key = tuple[int, bool]  # (nbytes, pinned)
+_Geometry = tuple[torch.dtype, Any, torch.Size, tuple[int, ...]]  # dtype, offset, size, stride
+
+
+class StagedStorage:
+    """One staged storage, with the tensors over it that the walk can reuse when warm.
+
+    Attributes:
+        storage: the staged storage (CPU, pinned for CUDA sources).
+        nbytes: its size.
+        raw: a flat ``uint8`` tensor over all of it (the destination of byte copies).
+        view, view_geometry, view_generation: the last plain tensor built over it, its
+            (dtype, offset, size, stride) and the staging call that last handed it out.
+        dense, dense_shape: a contiguous tensor over all of it (the destination of a
+            typed copy) and its (dtype, size).
+    """
+
+    __slots__ = (
+        "dense",
+        "dense_shape",
+        "nbytes",
+        "raw",
+        "storage",
+        "view",
+        "view_generation",
+        "view_geometry",
+    )
+
+    def __init__(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        self.storage = storage
+        self.nbytes = nbytes
+        self.raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self.view: torch.Tensor | None = None
+        self.view_geometry: _Geometry | None = None
+        self.view_generation = 0
+        self.dense: torch.Tensor | None = None
+        self.dense_shape: tuple[torch.dtype, torch.Size] | None = None
+
+    def new_view(self, geometry: _Geometry) -> torch.Tensor:
+        """A new plain tensor over the storage with ``geometry``."""
+        dtype, offset, size, stride = geometry
+        return torch.empty(0, dtype=dtype).set_(self.storage, offset, size, stride)
+
+    def dense_as(self, dtype: torch.dtype, size: torch.Size) -> torch.Tensor:
+        """A contiguous ``dtype`` tensor of ``size`` over the whole storage."""
+        shape = (dtype, size)
+        if self.dense is None or self.dense_shape != shape:
+            self.dense = self.raw.view(dtype).view(size)
+            self.dense_shape = shape
+        return self.dense
 
 
 class Arena:
@@ -37,28 +86,35 @@ class Arena:
 
     Attributes:
         allocations: how many staged storages this arena has allocated so far.
+        generation: incremented by every staging call that uses the arena.
     """
 
     def __init__(self) -> None:
-        self._spare: dict[_Key, list[torch.UntypedStorage]] = {}
-        self._used: dict[_Key, list[torch.UntypedStorage]] = {}
+        self._spare: dict[_Key, list[StagedStorage]] = {}
+        self._used: dict[_Key, list[StagedStorage]] = {}
         self.allocations = 0
+        self.generation = 0
 
-    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+    def take(self, nbytes: int, pinned: bool) -> StagedStorage:
         """A staged storage of exactly ``nbytes`` bytes (pinned host memory if asked)."""
         key = (nbytes, pinned)
         spare = self._spare.get(key)
         if spare:
-            storage = spare.pop()
+            staged = spare.pop()
         else:
             # Exactly sized: the whole storage is what torch.save writes. Uninitialised
             # is fine: every byte is overwritten by the copy of its source storage.
             storage = torch.UntypedStorage(nbytes, device="cpu")  # type: ignore[no-untyped-call]
             if pinned:
                 storage = storage.pin_memory()
+            staged = StagedStorage(storage, nbytes)
             self.allocations += 1
-        self._used.setdefault(key, []).append(storage)
-        return storage
+        used = self._used.get(key)
+        if used is None:
+            self._used[key] = [staged]
+        else:
+            used.append(staged)
+        return staged
 
     def finish(self) -> None:
         """End a staging call: storages it did not take are freed, the rest kept for reuse."""

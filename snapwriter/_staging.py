@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from ._exceptions import StagingError
-from ._pool import Arena
+from ._pool import Arena, StagedStorage
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of
 
 try:  # NumPy is optional.
@@ -92,7 +92,8 @@ _BY_NAME: tuple[type, ...] = (
     weakref.ref,
     property,
 )
-_PLAIN_DEVICES = frozenset({"cpu", "cuda"})
+#: A planned copy: destination, source, whether the source is on a CUDA device.
+_Copy = tuple[torch.Tensor, torch.Tensor, bool]
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Stager:
         # passes during the call. Pause it for the call.
         gc_was_enabled = gc.isenabled()
         gc.disable()
+        allocated_before = arena.allocations
         try:
             walk = _Walk(arena, check_pickle)
             try:
@@ -184,10 +186,10 @@ class Stager:
                 gc.enable()
         arena.finish()
         with self._lock:
-            self.allocations += walk.allocations
+            self.allocations += arena.allocations - allocated_before
         return StagedTarget(
             value=value,
-            tensor_bytes=walk.nbytes,
+            tensor_bytes=sum(slot.nbytes for slot in walk.storages.values()),
             seconds=time.perf_counter() - start,
             device_tags=walk.device_tags,
             _events=events,
@@ -223,22 +225,23 @@ class Stager:
         with self._lock:
             return self._free.pop() if self._free else Arena()
 
-    def _copy(self, copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]]) -> list[Any]:
-        """Copy every source storage into its staged storage; return CUDA events to wait on.
+    def _copy(self, copies: list[_Copy]) -> list[Any]:
+        """Run the copies the walk planned; return the CUDA events to wait on.
 
-        CPU sources: one batched ``torch._foreach_copy_`` over byte views. CUDA sources:
-        a side stream per device, so the call returns before the copy finishes.
+        CPU sources: one batched ``torch._foreach_copy_``. CUDA sources: a side stream
+        per device, so the call returns before the copy finishes.
         """
-        if not copies:
+        if not any(on_cuda for _, _, on_cuda in copies):
+            if copies:
+                with torch.no_grad():
+                    torch._foreach_copy_([d for d, _, _ in copies], [s for _, s, _ in copies])
             return []
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
-        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for staged, source in copies:
-            d = _bytes_of(staged)
-            s = _bytes_of(source)
-            if source.device.type == "cuda":
-                by_device.setdefault(source.device, []).append((d, s))
+        for d, s, on_cuda in copies:
+            if on_cuda:
+                by_device.setdefault(s.device, []).append((d, s))
             else:
                 dst.append(d)
                 src.append(s)
@@ -290,11 +293,11 @@ class _Walk:
         self.check_pickle = check_pickle
         self.memo: dict[Any, Any] = {}
         self.keep: list[Any] = []  # originals whose ids are memo keys stay alive
-        self.storages: dict[int, torch.UntypedStorage] = {}
-        self.copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        arena.generation += 1
+        self.generation = arena.generation
+        self.storages: dict[int, StagedStorage] = {}
+        self.copies: list[_Copy] = []
         self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
-        self.nbytes = 0
-        self.allocations = 0
         self._torch_memo: dict[int, torch.UntypedStorage] = {}
         self.memo["torch"] = self._torch_memo
         self._dispatch: dict[type, Callable[[Any], Any]] = {
@@ -335,15 +338,17 @@ class _Walk:
         """A plain dict: rebuilt key by key (memoised first, so it may contain itself)."""
         out: dict[Any, Any] = {}
         self._remember(obj, out)
-        stage, tensor = self.stage, self._tensor
+        stage, tensor, memo = self.stage, self._tensor, self.memo
         for k, v in obj.items():
+            if type(k) not in _ATOMIC:
+                k = stage(k)
             vcls = type(v)
             if vcls in _ATOMIC:
-                out[stage(k)] = v
-            elif vcls is torch.Tensor and id(v) not in self.memo:
-                out[stage(k)] = tensor(v)
+                out[k] = v
+            elif vcls is torch.Tensor and id(v) not in memo:
+                out[k] = tensor(v)
             else:
-                out[stage(k)] = stage(v)
+                out[k] = stage(v)
         return out
 
     def _list(self, obj: list[Any]) -> list[Any]:
@@ -446,33 +451,54 @@ class _Walk:
     # -- tensors ---------------------------------------------------------------------
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        cls = type(t)
         if (
             t.layout is torch.strided
-            and not t.is_nested
             and not t.is_quantized
+            and not t.is_nested
             and (t.is_cpu or t.is_cuda)
-            and (type(t) in _FAST_CLASSES or _plain_subclass(type(t)))
-            and torch._C._has_storage(t)
+            and (cls is torch.Tensor or (_plain_subclass(cls) and _has_storage(t)))
         ):
-            return self._plain_tensor(t)
-        if t.is_quantized and type(t) is torch.Tensor:
+            return self._plain_tensor(t, cls)
+        if t.is_quantized and cls is torch.Tensor:
             return self._quantized_tensor(t)
         return self._special_tensor(t)
 
-    def _plain_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Rebuilt over its staged storage with everything ``Tensor.__reduce_ex__`` saves."""
-        staged = self._staged_storage(t.untyped_storage())
-        out = torch.empty(0, dtype=t.dtype).set_(staged, t.storage_offset(), t.size(), t.stride())
+    def _plain_tensor(self, t: torch.Tensor, cls: type) -> torch.Tensor:
+        """Rebuilt over its staged storage with everything ``Tensor.__reduce_ex__`` saves:
+        class, storage offset, size, stride, conj/neg bits, requires_grad, Python state.
+
+        Written for tens of thousands of tensors: one method, each tensor property read
+        once, and the tensor built over a staged storage by the previous save reused
+        when its geometry is the same.
+        """
+        source = t.untyped_storage()
+        cdata = source._cdata
+        offset = t.storage_offset()
+        geometry = (t.dtype, offset, t.size(), t.stride())
         metadata = metadata_of(t)  # conj / neg bits
+        slot = self.storages.get(cdata)
+        new_storage = slot is None
+        if slot is None:
+            slot = self.storages[cdata] = self.arena.take(source.nbytes(), t.is_cuda)
         if metadata:
+            out = slot.new_view(geometry)
             set_metadata(out, metadata)
-        cls = type(t)
+        elif slot.view_geometry == geometry and slot.view_generation != self.generation:
+            out = slot.view  # type: ignore[assignment]
+            slot.view_generation = self.generation
+        else:
+            out = slot.new_view(geometry)
+            slot.view, slot.view_geometry, slot.view_generation = out, geometry, self.generation
+        if new_storage:
+            self._plan_copy(slot, source, t, out, offset, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
             out = torch.Tensor._make_subclass(cls, out, t.requires_grad)
         elif t.requires_grad:
-            out.requires_grad_(True)
-        self._remember(t, out)
+            out = out.detach().requires_grad_(True)
+        self.memo[id(t)] = out
+        self.keep.append(t)
         if cls is torch.Tensor and not t.__dict__:
             return out
         state = state_of(t)
@@ -480,25 +506,32 @@ class _Walk:
             set_state(out, self.stage(state))
         return out
 
-    def _staged_storage(self, source: torch.UntypedStorage) -> torch.UntypedStorage:
-        """The staged copy of ``source``: one per distinct storage, taken from the arena."""
-        staged = self.storages.get(source._cdata)
-        if staged is not None:
-            return staged
-        nbytes = source.nbytes()
-        on_cuda = source.device.type == "cuda"
-        before = self.arena.allocations
-        staged = self.arena.take(nbytes, pinned=on_cuda)
-        self.allocations += self.arena.allocations - before
-        self.storages[source._cdata] = staged
-        self.copies.append((staged, source))
-        self.nbytes += nbytes
-        if on_cuda:
-            self.device_tags.append((staged, f"cuda:{source.device.index or 0}"))
+    def _plan_copy(
+        self,
+        slot: StagedStorage,
+        source: torch.UntypedStorage,
+        t: torch.Tensor,
+        out: torch.Tensor,
+        offset: Any,
+        metadata: dict[str, bool],
+    ) -> None:
+        """Plan the copy of a newly staged storage from the first tensor seen over it.
+
+        A storage that tensor covers exactly (the usual case) is copied as that tensor,
+        into ``out``; any other as raw bytes.
+        """
+        on_cuda = t.is_cuda
+        if (
+            offset == 0
+            and not metadata
+            and t.is_contiguous()
+            and t.numel() * t.element_size() == slot.nbytes
+        ):
+            self.copies.append((out, t, on_cuda))
         else:
-            # torch's __deepcopy__ of a special tensor over this storage reuses the copy
-            self._torch_memo[source._cdata] = staged
-        return staged
+            self.copies.append((slot.raw, _bytes_of(source), on_cuda))
+        if on_cuda:
+            self.device_tags.append((slot.storage, f"cuda:{t.device.index or 0}"))
 
     def _quantized_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """``clone()`` keeps the quantizer: qscheme, scale(s), zero point(s) and axis."""
@@ -515,6 +548,10 @@ class _Walk:
         subclass state (and shares storages through the memo); where it refuses (nested
         tensors, non-leaf tensors requiring grad), ``torch.save`` itself copies the tensor.
         """
+        # torch's __deepcopy__ of a tensor over a staged CPU storage reuses the copy
+        for cdata, slot in self.storages.items():
+            if slot.storage.device.type == "cpu":
+                self._torch_memo[cdata] = slot.storage
         try:
             out = copy.deepcopy(t, self.memo)
         except Exception:
@@ -523,7 +560,7 @@ class _Walk:
         return out
 
 
-_FAST_CLASSES = frozenset({torch.Tensor, torch.nn.Parameter})
+_has_storage: Callable[[torch.Tensor], bool] = getattr(torch._C, "_has_storage")  # noqa: B009
 
 
 def _plain_subclass(cls: type) -> bool:
