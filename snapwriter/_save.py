@@ -20,6 +20,7 @@ from ._fastsave import fast_torch_save
 from ._paths import Destination
 from ._pool import device_tags
 from ._storage import Storage
+from ._transfer import decode, encode
 
 __all__ = ("SaveRequest", "WriteOutcome", "execute_save", "execute_save_blocking")
 
@@ -48,6 +49,17 @@ class SaveRequest:
     fs: Any = None
     durable: bool = True
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled only to reach another process: carry the target as torch.save sees it.
+        state = dict(self.__dict__)
+        state["target"] = encode((self.target, self.device_tags))
+        del state["device_tags"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["target"], state["device_tags"] = decode(state["target"])
+        self.__dict__.update(state)
 
 
 @dataclass(frozen=True)

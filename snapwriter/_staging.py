@@ -42,6 +42,7 @@ import pickle
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -534,8 +535,18 @@ class _Walk:
             self.device_tags.append((slot.storage, f"cuda:{t.device.index or 0}"))
 
     def _quantized_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """``clone()`` keeps the quantizer: qscheme, scale(s), zero point(s) and axis."""
-        out = t.clone()
+        """``clone()`` keeps the quantizer: qscheme, scale(s), zero point(s) and axis.
+
+        A clone is a dense copy; a quantized view whose storage it would not reproduce
+        (an offset, a bigger storage, strides clone cannot keep) is copied by torch.save.
+        """
+        out = t.clone(memory_format=torch.preserve_format)
+        if (
+            out.stride() != t.stride()
+            or t.storage_offset() != 0
+            or out.untyped_storage().nbytes() != t.untyped_storage().nbytes()
+        ):
+            out = _round_trip(t)
         self._remember(t, out)
         if t.__dict__:
             set_state(out, self.stage(state_of(t)))
@@ -573,7 +584,10 @@ def _round_trip(t: torch.Tensor) -> torch.Tensor:
     buffer = io.BytesIO()
     torch.save(t, buffer)
     buffer.seek(0)
-    out: torch.Tensor = torch.load(buffer, weights_only=False)
+    with warnings.catch_warnings():
+        # torch's own loader of quantized tensors uses the TypedStorage it deprecates
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        out: torch.Tensor = torch.load(buffer, weights_only=False)
     return out
 
 
