@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import sys
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -159,8 +160,13 @@ def check_archive(fs: Any, path: str) -> str:
     return f"{detail} ({unchecked} without CRC)" if unchecked else detail
 
 
-def load_snapshot(fs: Any, path: str) -> None:
-    """Load ``path`` with :func:`torch.load` (``weights_only=False``, onto the CPU).
+def load_snapshot(fs: Any, path: str) -> int:
+    """Load ``path`` with :func:`torch.load` (``weights_only=False``, onto the CPU) and
+    materialise every tensor in it (dequantize, densify), so a tensor that loads but
+    cannot be used makes the file damaged.
+
+    Returns:
+        How many tensors were materialised.
 
     Warning: this unpickles the file, which can run arbitrary code: verify only files
     you trust.
@@ -170,11 +176,21 @@ def load_snapshot(fs: Any, path: str) -> None:
     """
     import torch
 
-    with fs.open(path, "rb") as f:
+    from ._materialise import materialise_all
+
+    with fs.open(path, "rb") as f, warnings.catch_warnings():
+        # torch's own loader of quantized tensors uses the TypedStorage it deprecates
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
         try:
-            torch.load(f, weights_only=False, map_location="cpu")
+            loaded = torch.load(f, weights_only=False, map_location="cpu")
         except Exception as exc:
             raise DamagedSnapshot(f"torch.load failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        return materialise_all(loaded)
+    except Exception as exc:
+        raise DamagedSnapshot(
+            f"a tensor loads but cannot be used: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def verify_file(fs: Any, path: str, *, quick: bool) -> str:
@@ -189,8 +205,8 @@ def verify_file(fs: Any, path: str, *, quick: bool) -> str:
     try:
         detail = check_archive(fs, path)
         if not quick:
-            load_snapshot(fs, path)
-            detail += ", loaded"
+            tensors = load_snapshot(fs, path)
+            detail += f", loaded, {tensors} tensors materialised"
     except OSError as exc:
         raise DamagedSnapshot(f"cannot read: {exc}") from exc
     return detail

@@ -272,3 +272,52 @@ def test_commands_accept_fsspec_urls(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["verify", "memory://cli-run"]) == 0
     assert main(["clean", "memory://cli-run"]) == 0
     assert main(["ls", "memory://no-such-run"]) == 2
+
+
+class _QuantizedWithoutQuantizer:
+    """Pickles as a qint8 tensor rebuilt without scale or zero point (loads, unusable)."""
+
+    def __reduce__(self) -> object:
+        storage = torch.storage.TypedStorage(
+            wrap_storage=torch.zeros(4, dtype=torch.int8).untyped_storage(),
+            dtype=torch.qint8,
+            _internal=True,
+        )
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, (4,), (1,), False, {}))
+
+
+@pytest.mark.filterwarnings(
+    "ignore:TypedStorage is deprecated:UserWarning", "ignore:.*quantize.*:UserWarning"
+)
+def test_verify_reports_a_tensor_that_loads_but_cannot_be_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broken.pt"
+    torch.save({"w": _QuantizedWithoutQuantizer(), "ok": torch.ones(2)}, path)
+    loaded = torch.load(path, weights_only=False)  # torch.load alone is fooled
+    assert loaded["w"].dtype == torch.qint8
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "cannot be used" in out.out + out.err
+
+
+@pytest.mark.filterwarnings(
+    "ignore:.*quantize.*:UserWarning",
+    "ignore:.*nested.*:UserWarning",
+    "ignore:Sparse CSR:UserWarning",
+)
+def test_verify_materialises_special_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = {
+        "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 2, torch.qint8),
+        "sparse": torch.eye(3).to_sparse(),
+        "csr": torch.eye(3).to_sparse_csr(),
+        "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+        "conj": torch.randn(2, dtype=torch.complex64).conj(),
+    }
+    state["cycle"] = [state]
+    with StandardWriter(out_dir=str(tmp_path)) as w:
+        w("snap.pt", "", state).result()
+    assert main(["verify", str(tmp_path / "snap.pt")]) == 0
+    assert "5 tensors materialised" in capsys.readouterr().out
