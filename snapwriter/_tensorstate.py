@@ -1,12 +1,14 @@
 """What torch's tensor reducers save of a tensor besides its storage and geometry.
 
 Typed access to the private torch helpers that ``Tensor.__reduce_ex__`` itself uses, so
-staging and the serializer record exactly the same things: the conjugate/negative bits
-(``get_tensor_metadata``) and the Python state of a tensor (``__dict__`` and slots).
+staging and the serializer record exactly the same things: the conjugate/negative
+bits (:data:`metadata_of`, empty for most tensors) and the Python state of a tensor
+(``__dict__`` and slots).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,16 +16,13 @@ import torch._utils
 
 __all__ = ("metadata_of", "set_metadata", "set_state", "state_of")
 
-_get_metadata: Any = getattr(torch._C, "_get_tensor_metadata")  # noqa: B009
+#: The C function itself (no Python frame): called once per tensor on hot paths.
+metadata_of: Callable[[torch.Tensor], dict[str, bool]] = getattr(  # noqa: B009
+    torch._C, "_get_tensor_metadata"
+)
 _set_metadata: Any = getattr(torch._C, "_set_tensor_metadata")  # noqa: B009
 _get_state: Any = torch._utils._get_obj_state
 _set_state: Any = torch._utils._set_obj_state
-
-
-def metadata_of(t: torch.Tensor) -> dict[str, bool]:
-    """The conj/neg bits torch.save records (empty for most tensors)."""
-    metadata: dict[str, bool] = _get_metadata(t)
-    return metadata
 
 
 def set_metadata(t: torch.Tensor, metadata: dict[str, bool]) -> None:
