@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def test_url_as_per_call_out_dir_is_rejected(tmp_path: Path) -> None:
 
 
 def test_timestamps_from_backend_info() -> None:
-    aware = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    aware = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert _timestamp(aware) == aware.timestamp()
     assert _timestamp(aware.replace(tzinfo=None)) == aware.timestamp()  # naive is UTC
     assert _timestamp("2024-01-02T03:04:05Z") == aware.timestamp()
