@@ -205,12 +205,10 @@ class QueueWriter(StandardWriter):
             size = 0
         return SnapshotResult(task.path, size, 0.0, elapsed, 0.0, elapsed)
 
-    @classmethod
-    def _own(cls, name: str) -> set[Any]:
-        return {QueueWriter.__dict__[name], ProcessQueueWriter.__dict__.get(name)}
-
     def _ppe_hooks_overridden(self) -> bool:
-        return any(getattr(type(self), n, None) not in self._own(n) for n in _PPE_HOOKS)
+        """Whether a ppe hook is not snapwriter's own: overridden by a subclass, or
+        replaced on a class (``mock.patch``)."""
+        return any(getattr(type(self), n, None) not in _OWN_HOOKS[n] for n in _PPE_HOOKS)
 
     # -- ppe's design, when its hooks are overridden -----------------------------------
 
@@ -397,3 +395,11 @@ class ProcessQueueWriter(QueueWriter):
     def _stop_background(self) -> None:
         super()._stop_background()
         self._consumer.close()
+
+
+#: snapwriter's own ppe hooks, taken when the classes are defined (a patch replaces
+#: the class attribute later, so comparing with it at run time would see the patch).
+_OWN_HOOKS = {
+    name: [QueueWriter.__dict__[name], ProcessQueueWriter.__dict__.get(name, None)]
+    for name in _PPE_HOOKS
+}
