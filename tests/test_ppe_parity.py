@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -496,3 +497,90 @@ def test_parity_remove_stale_snapshots_with_n_retains(writing: Any, tmp_path: Pa
     snap2 = extensions.snapshot(filename=fmt, autoload=True)
     assert snap2.initialize(fresh) == "snapshot_iter_10"
     assert fresh.iteration == 10
+
+
+# -- test_distributed_snapshot.py / test_sharded_snapshot.py: one rank ---------------
+# Many ranks are issue 10's tests; here ppe's DISTRIBUTED and SHARDED modes run in a
+# process group of one (gloo), with the manager's writer being snapwriter's.
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path) -> Iterator[None]:
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _linear_manager(out_dir: Path, seed: int) -> Any:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return training.ExtensionsManager(
+        {"main": model}, {"main": optimizer}, 10, iters_per_epoch=1, out_dir=str(out_dir)
+    )
+
+
+def test_parity_distributed_snapshot_one_rank(writing: Any, one_rank: None, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    manager = _linear_manager(out, 0)
+    manager.extend(
+        extensions.snapshot(filename="snapshot_iter_{.iteration}", saver_rank=0),
+        trigger=(1, "iteration"),
+        priority=2,
+    )
+    with manager.run_iteration():
+        pass
+    assert isinstance(manager.writer, snapwriter.SimpleWriter)
+    assert os.listdir(out) == ["snapshot_iter_1"]
+    fresh = _linear_manager(out, 1)
+    fresh.load_state_dict(torch.load(out / "snapshot_iter_1", weights_only=False))
+    for a, b in zip(
+        manager._models["main"].parameters(), fresh._models["main"].parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_parity_sharded_snapshot_one_rank(writing: Any, one_rank: None, tmp_path: Path) -> None:
+    """SHARDED: a directory per snapshot with the rank's file and a ``complete`` marker;
+    n_retains removes whole directories; autoload restores from the newest."""
+    from pytorch_pfn_extras.training.extensions import SnapshotMode
+
+    out = tmp_path / "run"
+    manager = _linear_manager(out, 0)
+    fmt = "snapshot_iter_{.iteration}"
+    manager.extend(
+        extensions.snapshot(
+            filename=fmt, snapshot_mode=SnapshotMode.SHARDED, saver_rank=0, n_retains=2
+        ),
+        trigger=(1, "iteration"),
+        priority=2,
+    )
+    clock = {"t": time.time() - 100}
+
+    def age(m: Any) -> None:  # strictly increasing mtimes, as ppe's test does
+        clock["t"] += 1
+        os.utime(out / fmt.format(m) / "0", (clock["t"], clock["t"]))
+
+    manager.extend(age, name="age", trigger=(1, "iteration"), priority=1)
+    for _ in range(4):
+        with manager.run_iteration():
+            pass
+    assert sorted(os.listdir(out)) == ["snapshot_iter_3", "snapshot_iter_4"]
+    assert sorted(os.listdir(out / "snapshot_iter_4")) == ["0", "complete"]
+    fresh = _linear_manager(out, 1)
+    fresh.extend(
+        extensions.snapshot(
+            filename=fmt, snapshot_mode=SnapshotMode.SHARDED, saver_rank=0, autoload=True
+        ),
+        trigger=(1, "iteration"),
+    )
+    assert fresh.iteration == 4
+    for a, b in zip(
+        manager._models["main"].parameters(), fresh._models["main"].parameters(), strict=True
+    ):
+        assert torch.equal(a, b)

@@ -307,6 +307,8 @@ def _probe(fn: Callable[[], Any]) -> dict[str, Any]:
 
 @scenario
 def bad_filenames(p: dict[str, Any]) -> None:
+    if p.get("chdir"):  # a writer without out_dir writes into the current directory
+        os.chdir(p["chdir"])
     w = _writer(p)
     out_dir = p["out_dir"]
     target = payload(5)
