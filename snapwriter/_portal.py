@@ -47,6 +47,7 @@ from ._compat import register_at_fork
 
 __all__ = (
     "EXIT_TIMEOUT_ENV",
+    "DaemonExecutor",
     "Portal",
     "on_exit_give_up",
     "preload_background_imports",
@@ -85,7 +86,7 @@ def _name_thread(name: str) -> int:
     return threading.get_ident()
 
 
-class _DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
+class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
     """The portal loop's default executor, where :mod:`aiofiles` runs the commit's
     rename and directory ``fsync``: one daemon thread per call (a few per save).
 
@@ -149,7 +150,7 @@ class Portal:
                 self._cm, self._portal = cm, portal
                 self._thread_ident = portal.call(_name_thread, self.name)
                 self._loop = portal.call(asyncio.get_running_loop)
-                self._loop.set_default_executor(_DaemonExecutor())
+                self._loop.set_default_executor(DaemonExecutor())
             return self._portal
 
     def start_task_soon(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Future[T]:

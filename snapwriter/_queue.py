@@ -222,6 +222,10 @@ class QueueWriter(StandardWriter):
         append: bool = False,
         stage: bool | None = None,
     ) -> SnapshotHandle:
+        """As :meth:`StandardWriter.__call__`. With a ppe hook overridden (ppe's design),
+        the staged target is put on the hook's queue, which is not bounded by
+        ``max_pending`` (as in ppe); the handle completes when the consumer ran the save
+        (a consumer process: at ``finalize()``)."""
         if not self._ppe_mode:
             return super().__call__(
                 filename, out_dir, target, savefun=savefun, append=append, stage=stage
@@ -255,18 +259,22 @@ class QueueWriter(StandardWriter):
 
     def _drain_ppe_queue(self) -> None:
         """ppe's finalize: ``None`` on the queue, join it, join the consumer; then
-        complete the handles a consumer process could not."""
+        complete the handles a consumer process could not (failed, with the consumer's
+        failure, if it died or exited non-zero; ``finalize()`` raises it)."""
         with self._ppe_lock:
             if not self._ppe_mode or self._ppe_drained:
                 return
             self._ppe_drained = True
         q, consumer = self._ppe_queue, self._ppe_consumer
-        q.put(None)
-        _join_queue(q, consumer)
-        consumer.join()
         failure: BaseException | None = None
+        try:
+            q.put(None)
+            _join_queue(q, consumer)
+            consumer.join()
+        except Exception as exc:  # the consumer died with saves left: theirs fail
+            failure = exc
         code = getattr(consumer, "exitcode", 0)
-        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if failure is None and isinstance(code, int) and not isinstance(code, bool) and code:
             failure = ChildProcessFailure(f"the queue's consumer ended with exit code {code}")
         for tracked in self._ppe_tracked:
             future = tracked.future

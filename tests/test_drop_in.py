@@ -347,16 +347,24 @@ def test_unreported_failure_keeps_programs_own_status(tmp_path: Path) -> None:
 def test_save_from_atexit_handler_commits(tmp_path: Path) -> None:
     proc = _run(
         """
-        import atexit, sys, torch, snapwriter
+        import atexit, queue, sys, torch, snapwriter
+        class PpeQueue(snapwriter.QueueWriter):  # ppe's queue design, drained at exit
+            def create_queue(self):
+                return queue.Queue()
         w = snapwriter.StandardWriter(out_dir=sys.argv[1])
+        q = PpeQueue(out_dir=sys.argv[1])
         w("early.pt", "", {"when": "run"})
-        atexit.register(lambda: w("late.pt", "", {"when": "atexit"}))
+        def last_words():
+            w("late.pt", "", {"when": "atexit"})
+            q("queued.pt", "", {"when": "atexit"})
+        atexit.register(last_words)
         """,
         str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
     assert torch.load(tmp_path / "late.pt") == {"when": "atexit"}
-    assert sorted(os.listdir(tmp_path)) == ["early.pt", "late.pt"]
+    assert torch.load(tmp_path / "queued.pt") == {"when": "atexit"}
+    assert sorted(os.listdir(tmp_path)) == ["early.pt", "late.pt", "queued.pt"]
 
 
 def _blocking_save(target: Any, f: Any, *, gate: Any) -> None:

@@ -217,6 +217,33 @@ def test_queue_writer_overrides_are_used_like_ppe(
     assert torch.load(tmp_path / "snap" / "snap_2.pt") == torch.load(cwd / "ppe_2.pt")
 
 
+class _ForkQueueWriter(snapwriter.ProcessQueueWriter):
+    """ppe's process-queue design: a JoinableQueue and a consumer process (fork)."""
+
+    def create_queue(self) -> Any:
+        return multiprocessing.get_context("fork").JoinableQueue()
+
+
+def _refuse(target: Any, f: Any) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_ppe_process_queue_design_under_fork(tmp_path: Path) -> None:
+    """A consumer process of ppe's design: saves commit, handles complete at
+    ``finalize()``; a failed save makes the consumer exit 1 and ``finalize()`` raise."""
+    w = _ForkQueueWriter(out_dir=str(tmp_path), mp_context="fork")
+    handles = [w(f"s_{i}.pt", "", {"i": torch.tensor(i)}) for i in range(3)]
+    w.finalize()
+    assert sorted(os.listdir(tmp_path)) == ["s_0.pt", "s_1.pt", "s_2.pt"]
+    assert handles[2].result(timeout=0).nbytes == (tmp_path / "s_2.pt").stat().st_size
+    failing = _ForkQueueWriter(out_dir=str(tmp_path), mp_context="fork", savefun=_refuse)
+    failing("bad.pt", "", {"i": 1})
+    with pytest.raises(snapwriter.SnapshotWriteError, match=r"bad\.pt") as info:
+        failing.finalize()
+    assert isinstance(info.value.__cause__, snapwriter.ChildProcessFailure)
+    assert not (tmp_path / "bad.pt").exists()
+
+
 class _PpeStyleProcessWriter(snapwriter.ProcessWriter):
     """ppe's own ProcessWriter pattern: a bare ``multiprocessing.Process`` running save()."""
 
