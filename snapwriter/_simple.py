@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from ._base import SaveFun, Writer, _Job, worker_filename
 from ._exceptions import InvalidSnapshotArgument
-from ._handle import SnapshotHandle
+from ._handle import SnapshotHandle, SnapshotResult
 
 __all__ = ("SimpleWriter",)
 
@@ -70,6 +72,13 @@ class SimpleWriter(Writer):
         request = self._request(filename, out_dir, target, savefun, append, self._kwds)
         if self._portal.in_loop_thread():
             raise RuntimeError("a writer cannot be called from its own loop thread")
+        if self._save_overridden():  # ppe's SimpleWriter calls self.save(): honour it
+            start = time.perf_counter()
+            self.save(filename, out_dir, target, request.savefun, append, **self._kwds)
+            elapsed = time.perf_counter() - start
+            done: Future[SnapshotResult] = Future()
+            done.set_result(SnapshotResult(request.dest.path, 0, 0.0, elapsed, 0.0, elapsed))
+            return SnapshotHandle(done, request.dest.path, 0.0)
         job = _Job(
             request=request,
             filename=worker_filename(self.out_dir, request.dest),
@@ -80,3 +89,10 @@ class SimpleWriter(Writer):
         handle = self._submit(job)
         handle.result()  # raises the failure; the handle reported it, finalize won't repeat it
         return handle
+
+    def _save_overridden(self) -> bool:
+        """Whether :meth:`save` was replaced (subclass, class patch or instance attribute)."""
+        return "save" in vars(self) or getattr(type(self), "save", None) is not _DEFAULT_SAVE
+
+
+_DEFAULT_SAVE = Writer.__dict__["save"]

@@ -277,7 +277,9 @@ class StandardWriter(Writer):
 
     def _uses_workers(self) -> bool:
         """Whether saves go through :meth:`create_worker`: it was overridden by a subclass
-        or replaced on a class (``mock.patch``), i.e. it is not the default one."""
+        or replaced on a class or instance (``mock.patch``): it is not the default one."""
+        if "create_worker" in vars(self):  # patched on the instance
+            return True
         return getattr(type(self), "create_worker", None) is not _DEFAULT_CREATE_WORKER
 
     async def _write_job(self, job: _Job) -> WriteOutcome:

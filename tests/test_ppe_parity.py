@@ -87,6 +87,28 @@ def test_parity_simple_writer_absolute_name_and_kwds(writing: Any, tmp_path: Pat
     w.finalize()
 
 
+def test_parity_simple_writer_calls_its_save(writing: Any, tmp_path: Path) -> None:
+    """Earlier ppe releases test that ``SimpleWriter`` goes through ``save()``: a
+    replaced ``save`` (instance attribute or subclass) is what the call runs."""
+    w = writing.SimpleWriter()
+    w.save = mock.MagicMock()
+    w("myfile.dat", str(tmp_path), {"x": 1})
+    assert w.save.call_count == 1
+    assert w.save.call_args.args[:3] == ("myfile.dat", str(tmp_path), {"x": 1})
+    w.finalize()
+    assert os.listdir(tmp_path) == []
+
+
+def test_parity_create_worker_patched_on_the_instance(tmp_path: Path) -> None:
+    worker = mock.MagicMock()
+    worker.exitcode = 0
+    w = snapwriter.ThreadWriter(out_dir=str(tmp_path))
+    with mock.patch.object(w, "create_worker", return_value=worker):
+        w("a.pt", "", {"x": 1}).result(timeout=30)
+    w.finalize()
+    assert worker.start.call_count == 1 and worker.join.call_count == 1
+
+
 def test_parity_standard_writer_patched_create_worker(writing: Any, tmp_path: Path) -> None:
     """ppe: ``create_worker`` patched on ``StandardWriter`` itself is what each call uses;
     each worker is started and joined."""
