@@ -404,6 +404,7 @@ class Writer:
             self._state = _State.CLOSING
         self._stop_background()
         self._portal.stop()
+        self._stager.close()
         with self._lock:
             self._state = _State.CLOSED
             failures, self._unreported = self._unreported, []
