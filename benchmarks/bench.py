@@ -1240,7 +1240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": command,
             "machine": machine_info(),
             "torch": torch.__version__,

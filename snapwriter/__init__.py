@@ -15,6 +15,7 @@ from ._exceptions import SnapshotError as SnapshotError
 from ._exceptions import SnapshotLostError as SnapshotLostError
 from ._exceptions import SnapshotWriteError as SnapshotWriteError
 from ._exceptions import StagingError as StagingError
+from ._exceptions import WriterBusyError as WriterBusyError
 from ._exceptions import WriterClosedError as WriterClosedError
 from ._fsspec import FsspecFileSystem as FsspecFileSystem
 from ._handle import SnapshotHandle as SnapshotHandle
@@ -55,6 +56,7 @@ __all__ = (
     "ThreadQueueWriter",
     "ThreadWriter",
     "Writer",
+    "WriterBusyError",
     "WriterClosedError",
     "WriterStats",
     "__version__",

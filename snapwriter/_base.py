@@ -37,8 +37,8 @@ from ._fsspec import resolve_filesystem
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._paths import Destination, is_url, resolve_destination
 from ._portal import Portal, register_for_exit
-from ._retention import apply_retention, check_keep_last, default_pattern
-from ._save import SaveRequest, WriteOutcome, execute_save
+from ._retention import apply_retention, check_keep_last, matcher
+from ._save import SaveRequest, WriteOutcome, execute_save, execute_save_blocking
 from ._staging import StagedTarget, Stager
 from ._storage import Storage
 
@@ -88,11 +88,21 @@ class WriterStats:
 
 @dataclass
 class _Job:
+    """One admitted save. ``filename`` and ``out_dir`` are what ppe-style workers and
+    tasks get back: a name that resolves to the same file, and the call's ``out_dir``."""
+
     request: SaveRequest
     filename: str
     staged: StagedTarget | None
     stage_seconds: float
     called_at: float = field(default_factory=time.perf_counter)
+    out_dir: str = ""
+
+
+def worker_filename(writer_out_dir: str, dest: Destination) -> str:
+    """The filename to hand a worker or task for ``dest`` (relative when it lies in the
+    writer's directory, else the absolute path the call gave)."""
+    return dest.relpath if dest.out_dir == (writer_out_dir or ".") else dest.path
 
 
 class Writer:
@@ -106,10 +116,12 @@ class Writer:
         fs: the file system: ``None`` for the local one (:class:`LocalFileSystem`), an
             fsspec file system (wrapped in :class:`FsspecFileSystem`), or any object with
             ppe's file-system interface (PFIO-compatible).
-        out_dir: the output directory; with ``fs=None`` it may be a URL
-            (``s3://bucket/run``, ``memory://run``) resolved through fsspec. When
-            non-empty it takes precedence over the ``out_dir`` given to each call; when
-            empty, the call's (a path, not a URL) is used.
+        out_dir: the output directory, the one place where files are written and where
+            retention and ppe's ``n_retains`` and ``autoload`` look; ``""`` (default) is
+            the current directory. With ``fs=None`` it may be a URL
+            (``s3://bucket/run``, ``memory://run``) resolved through fsspec. As in ppe,
+            the ``out_dir`` given to each call is ignored (it only confines absolute
+            filenames when this one is empty).
         durable: ``fsync`` each file and its directory before reporting success. Turn
             off only when losing recent snapshots on power loss is acceptable.
         keep_last: after each commit, delete all but the ``keep_last`` newest committed
@@ -117,8 +129,9 @@ class Writer:
             (default) keeps everything. The file just committed is never deleted;
             temporary files never count.
         keep_pattern: glob of the base names retention may delete; by default the
-            committed name with every run of digits replaced by ``*``
-            (``snapshot_iter_1200.pt`` → ``snapshot_iter_*.pt``).
+            committed name with each run of digits free and nothing else
+            (``snapshot_iter_1200.pt`` owns ``snapshot_iter_7.pt``, never
+            ``snapshot_iter_best.pt`` or ``snapshot_iter_7.pt.bak``).
 
     Attributes:
         fs: the file system object (ppe's ``autoload`` and ``n_retains`` use it).
@@ -175,15 +188,24 @@ class Writer:
         """Save ``target``; implemented by subclasses."""
         raise NotImplementedError
 
-    def initialize(self, out_dir: str) -> None:
-        """Create ``out_dir`` and remove temporary leftovers of crashed saves in it.
+    def initialize(self, out_dir: str = "") -> None:
+        """Create the writer's directory and remove temporary leftovers of crashed saves.
 
-        Called by ppe's ``ExtensionsManager``; snapwriter also calls it before the first
-        save into a directory. Blocking. Temporary files of saves still running in live
-        processes are left alone.
+        Called by ppe's ``ExtensionsManager`` (with the manager's ``out``, which is this
+        writer's ``out_dir``); snapwriter also calls it before the first save. As in
+        ppe's saves, the directory is always the writer's own ``out_dir`` (the current
+        directory when empty): ``out_dir`` is only checked. Blocking. Temporary files of
+        saves that may still be running (live processes, other hosts) are left alone.
+
+        Raises:
+            InvalidSnapshotArgument: ``out_dir`` is not a path, or is a URL while the
+                writer has no ``out_dir`` of its own.
         """
-        directory = self._effective_out_dir(out_dir) or "."
-        self.fs.makedirs(directory, exist_ok=True)
+        self._check_call_out_dir(out_dir)
+        self._initialize_dir(self.out_dir or ".")
+
+    def _initialize_dir(self, directory: str) -> None:
+        Storage(self.fs, durable=self.durable).makedirs(directory)
         Storage(self.fs).clean_temps(directory)
         with self._lock:
             self._initialized_dirs.add(directory)
@@ -201,18 +223,34 @@ class Writer:
 
         This is ppe's blocking primitive (workers returned by ``create_worker`` call
         it). The target is not staged: do not mutate it until this returns. Safe to
-        call from any thread except the writer's loop thread.
+        call from any thread except the writer's loop thread, and from a child process
+        forked to run it (ppe's ``multiprocessing.Process(target=self.save)`` worker),
+        where it writes with the same atomic protocol on a private loop.
 
         Raises:
-            InvalidSnapshotArgument: bad filename.
+            InvalidSnapshotArgument: bad filename, or no ``savefun``.
             SnapshotWriteError: the save failed (the original exception chained).
         """
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
+        if self._state is _State.FORKED:
+            self._save_in_forked_child(request)
+            return
         if self._portal.in_loop_thread():
             raise RuntimeError("Writer.save() cannot be called from the writer's own loop thread")
         # A worker started before finalize() may still save while the writer closes
         # (finalize waits for it); once closed, nothing restarts the loop.
         self._start_pending(self._save_now, request, request.dest.path, while_closing=True).result()
+
+    def _save_in_forked_child(self, request: SaveRequest) -> None:
+        """``save()`` in a forked child: no loop thread here; write, commit, run the hooks
+        and retention in this thread (ppe's worker processes run the hooks too)."""
+        try:
+            execute_save_blocking(request)
+            self._post_save()
+            self._retain(request)
+        except Exception as exc:
+            error = self._wrap_failure(request.dest.path, exc, record=False)
+            raise error from error.__cause__
 
     def _add_cleanup_hook(self, hook_fun: HookFun) -> None:
         """Run ``hook_fun()`` after each committed save (ppe's ``n_retains`` uses this)."""
@@ -342,23 +380,35 @@ class Writer:
         except Exception:  # already logged when the save failed
             logger.debug("writer collected with unreported failures", exc_info=True)
 
-    def _close_at_exit(self, timeout: float) -> list[str]:
-        """Interpreter exit: wait up to ``timeout`` and return the paths not committed."""
+    def _wait_at_exit(self, timeout: float) -> list[str]:
+        """Interpreter exit, before threads are joined: wait up to ``timeout`` for the
+        pending saves; return the paths not committed. The writer stays open, so the
+        program's own ``atexit`` handlers may still save."""
         with self._lock:
             if self._state in (_State.CLOSED, _State.FORKED):
                 return []
             pending = dict(self._pending)
         _done, not_done = wait_futures(list(pending), timeout=timeout)
-        if not_done:
-            return [pending[f] for f in not_done]
+        return [pending[f] for f in not_done]
+
+    def _close_at_exit(self, timeout: float) -> tuple[list[str], list[BaseException]]:
+        """Interpreter exit, after the program's ``atexit`` handlers: wait up to
+        ``timeout``, close, and return the paths not committed and the failures that no
+        handle, call or ``finalize()`` reported."""
+        lost = self._wait_at_exit(timeout)
+        if lost:
+            return lost, []
+        with self._lock:
+            if self._state in (_State.CLOSED, _State.FORKED):
+                return [], []
+            self._state = _State.CLOSING
         self._stop_background()
         self._portal.stop()
+        self._stager.close()
         with self._lock:
             self._state = _State.CLOSED
-            for exc in self._unreported:
-                logger.error("snapwriter: unreported failure at exit: %s", exc)
-            self._unreported.clear()
-        return []
+            failures, self._unreported = self._unreported, []
+        return [], failures
 
     def _stop_background(self) -> None:
         """Release background resources other than the loop (consumer processes)."""
@@ -391,9 +441,9 @@ class Writer:
         if state is not _State.OPEN:
             raise WriterClosedError(f"the writer is {state.value}: create a new writer")
 
-    def _effective_out_dir(self, out_dir: Any) -> str:
-        if self.out_dir:
-            return self.out_dir
+    def _check_call_out_dir(self, out_dir: Any) -> str:
+        """Validate the ``out_dir`` of a call (ppe's manager passes its ``out``, which is
+        this writer's ``out_dir``); return it as a path."""
         if out_dir is None:
             return ""
         if not isinstance(out_dir, (str, os.PathLike)):
@@ -401,7 +451,8 @@ class Writer:
                 f"out_dir must be a str or os.PathLike, not {type(out_dir).__name__}"
             )
         path = os.fspath(out_dir)
-        if is_url(path):
+        if not self.out_dir and is_url(path):
+            # ppe would write into the current directory; a URL here is a mistake
             raise InvalidSnapshotArgument(
                 f"out_dir {path!r} is a URL: give URLs to the writer's constructor "
                 "(StandardWriter(out_dir=...)); a call's out_dir is a path on the writer's fs"
@@ -409,7 +460,8 @@ class Writer:
         return path
 
     def _destination(self, filename: Any, out_dir: Any) -> Destination:
-        return resolve_destination(self._effective_out_dir(out_dir), filename)
+        """Where a call's file goes: relative to the writer's ``out_dir`` (ppe's rule)."""
+        return resolve_destination(self.out_dir, filename, self._check_call_out_dir(out_dir))
 
     def _request(
         self,
@@ -422,6 +474,11 @@ class Writer:
     ) -> SaveRequest:
         dest = self._destination(filename, out_dir)
         fun = savefun if savefun is not None else self._default_savefun()
+        if fun is None:
+            raise InvalidSnapshotArgument(
+                f"no savefun for {dest.path!r}: the writer was created with savefun=None, "
+                "so each call must pass savefun=..."
+            )
         if not callable(fun):
             raise InvalidSnapshotArgument(f"savefun must be callable, not {fun!r}")
         if not isinstance(append, bool):
@@ -436,8 +493,9 @@ class Writer:
             durable=self.durable,
         )
 
-    def _default_savefun(self) -> SaveFun:
-        return getattr(self, "_savefun", torch.save)
+    def _default_savefun(self) -> SaveFun | None:
+        fun: SaveFun | None = getattr(self, "_savefun", torch.save)
+        return fun
 
     def _observed(self, exc: BaseException) -> None:
         """A handle delivered ``exc`` to the user: do not raise it again."""
@@ -559,18 +617,21 @@ class Writer:
         """Apply retention once a snapshot is committed (not for ``append=True``)."""
         if self.keep_last is None or request.append:
             return
+        await anyio.to_thread.run_sync(self._retain, request)
+
+    def _retain(self, request: SaveRequest) -> None:
+        if self.keep_last is None or request.append:
+            return
         dest = request.dest
-        pattern = self.keep_pattern or default_pattern(dest.basename)
-        removed = await anyio.to_thread.run_sync(
-            apply_retention, self.fs, dest.directory, pattern, self.keep_last, dest.path
-        )
+        matches = matcher(self.keep_pattern, dest.basename)
+        removed = apply_retention(self.fs, dest.directory, matches, self.keep_last, dest.path)
         for path in removed:
             logger.info("snapwriter: retention removed %s (keep_last=%d)", path, self.keep_last)
 
     async def _ensure_initialized(self, dest: Destination) -> None:
         directory = dest.out_dir
         if directory not in self._initialized_dirs:
-            await anyio.to_thread.run_sync(self.initialize, directory)
+            await anyio.to_thread.run_sync(self._initialize_dir, directory)
 
     def _path_lock_acquire(self, path: str) -> anyio.Lock:
         lock, users = self._path_locks.get(path, (None, 0))

@@ -99,7 +99,7 @@ def _human_size(nbytes: int) -> str:
 
 
 def _iso_time(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.astimezone().isoformat(timespec="seconds")
 
 

@@ -18,6 +18,9 @@ catching it::
         │                             found as the __cause__ of a SnapshotWriteError
         ├── SnapshotLostError         interpreter exit or a closing timeout abandoned
         │                             pending saves; names the files
+        ├── WriterBusyError           a sync call made on a running event loop found
+        │                             max_pending saves in flight (it would block the
+        │                             loop); raised by the call, nothing was staged
         └── WriterClosedError         the writer was finalized (or inherited across
                                       fork()); raised by any call after that
 """
@@ -33,6 +36,7 @@ __all__ = (
     "SnapshotLostError",
     "SnapshotWriteError",
     "StagingError",
+    "WriterBusyError",
     "WriterClosedError",
 )
 
@@ -90,3 +94,12 @@ class SnapshotLostError(SnapshotError):
 
 class WriterClosedError(SnapshotError):
     """The writer was finalized, or was inherited by a forked child process."""
+
+
+class WriterBusyError(SnapshotError):
+    """A sync call made from a coroutine found ``max_pending`` saves in flight.
+
+    Waiting for room there would block the event loop for a whole save: ``await
+    writer.wait_for_room()`` first, or use ``await writer.asave(...)``. Nothing was
+    staged or written.
+    """

@@ -19,12 +19,13 @@ worst a temporary object, removed by the writer or by a later clean-up.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import stat as stat_module
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from ._exceptions import InvalidSnapshotArgument
@@ -32,6 +33,8 @@ from ._paths import is_url
 from ._storage import FileStat, LocalFileSystem
 
 __all__ = ("FsspecFileSystem", "resolve_filesystem")
+
+logger = logging.getLogger("snapwriter")
 
 #: Protocols of fsspec's local file system; it is replaced by snapwriter's own
 #: :class:`LocalFileSystem` (which fsyncs files and directories).
@@ -78,7 +81,7 @@ def _timestamp(value: Any) -> float | None:
     if isinstance(value, datetime):
         moment: datetime = value
         if moment.tzinfo is None:  # object stores report UTC
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return moment.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -226,6 +229,29 @@ class FsspecFileSystem:
         (on S3 a server-side copy, so ``dst`` appears complete or not at all).
         """
         self._for_writing(dst).mv(src, dst)
+
+    def commit_rename(self, src: str, dst: str) -> None:
+        """Move the temporary object ``src`` onto ``dst`` for a commit.
+
+        A copy (server-side on S3), then a delete of ``src``. Once the copy returned,
+        ``dst`` holds the new snapshot: a failing delete is logged, not raised, since
+        reporting the committed snapshot as failed would be false. The left-over
+        temporary object is removed by a later clean-up.
+        """
+        fs = self._for_writing(dst)
+        fs.copy(src, dst)
+        try:
+            fs.rm_file(src)
+        except Exception as exc:
+            logger.warning(
+                "snapwriter: committed %s, but could not delete its temporary object %s "
+                "(a later clean-up removes it): %s: %s",
+                dst,
+                src,
+                type(exc).__name__,
+                exc,
+            )
+        fs.invalidate_cache(dst)
 
     def remove(self, file_path: str, recursive: bool = False) -> None:
         """Delete a file, an empty directory, or (``recursive``) a whole tree."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from ._compat import register_at_fork
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
 from ._portal import on_exit_give_up
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
@@ -186,55 +187,83 @@ def _child_consume(conn: multiprocessing.connection.Connection, task: Any, paren
             _send_outcome(conn, "ok", outcome)
 
 
-class ProcessWorker:
+class ProcessWorker(multiprocessing.Process):
     """The worker ``ProcessWriter.create_worker`` returns: one child process, one save.
 
-    ppe's worker contract: :meth:`start`, :meth:`join`, :attr:`exitcode`. After
-    :meth:`join`, :attr:`outcome` holds the figures on success and :attr:`error` the
-    child's exception on failure.
+    A :class:`multiprocessing.Process` (ppe's worker type) started with the writer's
+    context. ppe's worker contract: :meth:`start`, :meth:`join`, :attr:`exitcode`.
+    After :meth:`join`, :attr:`outcome` holds the figures on success and :attr:`error`
+    the child's exception on failure.
     """
 
     runs_hooks = False  # the parent runs clean-up hooks after a successful child
 
     def __init__(self, request: SaveRequest, context: MpContext = None) -> None:
         ctx = get_context(context)
-        self._recv, self._send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(  # type: ignore[attr-defined]
-            target=_child_save, args=(request, self._send), name="snapwriter-save"
-        )
+        recv, send = ctx.Pipe(duplex=False)
+        super().__init__(target=_child_save, args=(request, send), name="snapwriter-save")
+        self._start_method = ctx.get_start_method()
+        self._recv: multiprocessing.connection.Connection | None = recv
+        self._send: multiprocessing.connection.Connection | None = send
         self.outcome: WriteOutcome | None = None
         self.error: BaseException | None = None
 
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        # Start the child with the writer's context, not the default one.
+        method = process_obj._start_method
+        return multiprocessing.get_context(method).Process._Popen(process_obj)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What spawn/forkserver pickle for the child: its target and arguments (the
+        # child's end of the pipe among them), never the parent's end.
+        state = dict(self.__dict__)
+        state["_recv"] = None
+        state["_send"] = None
+        return state
+
     def start(self) -> None:
-        self._process.start()
-        _track(self._process)
-        self._send.close()
+        super().start()
+        _track(self)
+        if self._send is not None:
+            self._send.close()
+            self._send = None
 
     def join(self, timeout: float | None = None) -> None:
-        if self.outcome is None and self.error is None:
-            try:
-                kind, payload = self._recv.recv()
-            except EOFError:
-                pass
-            else:
-                if kind == "ok":
-                    self.outcome = payload
-                else:
-                    self.error = payload
-            finally:
-                self._recv.close()
-        self._process.join(timeout)
-        if self._process.exitcode is not None:
-            _untrack(self._process)
-        if self.outcome is None and self.error is None and self._process.exitcode is not None:
-            self.error = ChildProcessFailure(
-                f"the saving process {_describe_exit(self._process.exitcode)} "
-                "before reporting a result"
-            )
+        """Wait for the child's report and its exit, at most ``timeout`` seconds.
 
-    @property
-    def exitcode(self) -> int | None:
-        return self._process.exitcode  # type: ignore[no-any-return]
+        Returns with :attr:`exitcode` ``None`` when the child is still running then.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        recv = self._recv
+        if recv is not None and self.outcome is None and self.error is None:
+            try:
+                ready = recv.poll(timeout)
+            except (EOFError, OSError):
+                ready = True
+            if ready:
+                try:
+                    kind, payload = recv.recv()
+                except (EOFError, OSError):
+                    pass
+                else:
+                    if kind == "ok":
+                        self.outcome = payload
+                    else:
+                        self.error = payload
+                recv.close()
+                self._recv = None
+            else:
+                return  # the child is still saving
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        super().join(left)
+        code = self.exitcode
+        if code is not None:
+            _untrack(self)
+        if self.outcome is None and self.error is None and code is not None:
+            self.error = ChildProcessFailure(
+                f"the saving process {_describe_exit(code)} before reporting a result"
+            )
 
 
 class ConsumerProcess:
@@ -344,4 +373,4 @@ def _after_fork_in_child() -> None:
 
 
 on_exit_give_up(kill_live_children)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+register_at_fork(after_in_child=_after_fork_in_child)

@@ -7,6 +7,7 @@ loop run it through :func:`execute_save_blocking`, which starts a private loop.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from ._fastsave import fast_torch_save
 from ._paths import Destination
 from ._pool import device_tags
+from ._portal import DaemonExecutor
 from ._storage import Storage
 from ._transfer import decode, encode
 
@@ -102,6 +104,13 @@ async def execute_save(request: SaveRequest) -> WriteOutcome:
     return WriteOutcome(nbytes, written - start, time.perf_counter() - written)
 
 
+async def _execute_save_on_private_loop(request: SaveRequest) -> WriteOutcome:
+    # aiofiles runs in the loop's default executor: one that still works at exit
+    asyncio.get_running_loop().set_default_executor(DaemonExecutor())
+    return await execute_save(request)
+
+
 def execute_save_blocking(request: SaveRequest) -> WriteOutcome:
-    """Run :func:`execute_save` on a private event loop (callers with no loop of theirs)."""
-    return anyio.run(execute_save, request, backend="asyncio")
+    """Run :func:`execute_save` on a private event loop (callers with no loop of theirs:
+    child processes, ppe-style consumers and workers), also during interpreter exit."""
+    return anyio.run(_execute_save_on_private_loop, request, backend="asyncio")

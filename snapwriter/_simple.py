@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
-from ._base import SaveFun, Writer, _Job
+from ._base import SaveFun, Writer, _Job, worker_filename
 from ._exceptions import InvalidSnapshotArgument
-from ._handle import SnapshotHandle
+from ._handle import SnapshotHandle, SnapshotResult
 
 __all__ = ("SimpleWriter",)
 
@@ -21,14 +23,15 @@ class SimpleWriter(Writer):
     Nothing is staged, since the caller cannot mutate the target while it waits.
 
     Args:
-        savefun: called as ``savefun(target, file_object, **kwds)``.
+        savefun: called as ``savefun(target, file_object, **kwds)``; ``None`` if every
+            call passes its own ``savefun=``.
         fs, out_dir, durable, keep_last, keep_pattern: see :class:`Writer`.
         **kwds: keyword arguments for ``savefun``.
     """
 
     def __init__(
         self,
-        savefun: SaveFun = torch.save,
+        savefun: SaveFun | None = torch.save,
         fs: Any = None,
         out_dir: str = "",
         *,
@@ -40,7 +43,7 @@ class SimpleWriter(Writer):
         super().__init__(
             fs=fs, out_dir=out_dir, durable=durable, keep_last=keep_last, keep_pattern=keep_pattern
         )
-        if not callable(savefun):
+        if savefun is not None and not callable(savefun):
             raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
         self._savefun = savefun
         self._kwds = kwds
@@ -69,7 +72,27 @@ class SimpleWriter(Writer):
         request = self._request(filename, out_dir, target, savefun, append, self._kwds)
         if self._portal.in_loop_thread():
             raise RuntimeError("a writer cannot be called from its own loop thread")
-        job = _Job(request=request, filename=request.dest.relpath, staged=None, stage_seconds=0.0)
+        if self._save_overridden():  # ppe's SimpleWriter calls self.save(): honour it
+            start = time.perf_counter()
+            self.save(filename, out_dir, target, request.savefun, append, **self._kwds)
+            elapsed = time.perf_counter() - start
+            done: Future[SnapshotResult] = Future()
+            done.set_result(SnapshotResult(request.dest.path, 0, 0.0, elapsed, 0.0, elapsed))
+            return SnapshotHandle(done, request.dest.path, 0.0)
+        job = _Job(
+            request=request,
+            filename=worker_filename(self.out_dir, request.dest),
+            staged=None,
+            stage_seconds=0.0,
+            out_dir=self._check_call_out_dir(out_dir),
+        )
         handle = self._submit(job)
         handle.result()  # raises the failure; the handle reported it, finalize won't repeat it
         return handle
+
+    def _save_overridden(self) -> bool:
+        """Whether :meth:`save` was replaced (subclass, class patch or instance attribute)."""
+        return "save" in vars(self) or getattr(type(self), "save", None) is not _DEFAULT_SAVE
+
+
+_DEFAULT_SAVE = Writer.__dict__["save"]

@@ -9,15 +9,18 @@ writes in a worker thread directly.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
 
+import anyio
 import anyio.to_thread
+import sniffio
 import torch
 
-from ._base import SaveFun, Writer, _Job
-from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
+from ._base import SaveFun, Writer, _Job, worker_filename
+from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBusyError
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
@@ -38,6 +41,15 @@ def _check_shareable(fs: Any, writer: str) -> None:
             f"{writer} writes in another process, but this file system ({fs!r}) exists only "
             "in this process: use a thread-based writer (StandardWriter, QueueWriter)"
         )
+
+
+def _on_event_loop() -> bool:
+    """Whether the calling thread runs an event loop (asyncio, or trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return getattr(sniffio.thread_local, "name", None) is not None
+    return True
 
 
 class _ThreadWorker(threading.Thread):
@@ -74,7 +86,7 @@ class StandardWriter(Writer):
 
     Args:
         savefun: called as ``savefun(target, file_object, **kwds)``; :func:`torch.save`
-            by default.
+            by default; ``None`` if every call passes its own ``savefun=``.
         fs: file system (see :class:`Writer`).
         out_dir: output directory; non-empty takes precedence over each call's.
         durable: ``fsync`` file and directory before a save counts as done.
@@ -82,8 +94,10 @@ class StandardWriter(Writer):
             the file. ``False`` hands the target itself to the background save: the
             caller promises not to mutate it until the handle is done.
         max_pending: saves in flight at most. A further sync call blocks until one
-            finishes (ppe behaviour); staging memory is bounded by ``max_pending``
-            copies of the target.
+            finishes (ppe behaviour), except on a running event loop, where it raises
+            :class:`WriterBusyError` instead of blocking the loop (use
+            :meth:`wait_for_room` or :meth:`asave`); staging memory is bounded by
+            ``max_pending`` copies of the target.
         keep_last, keep_pattern: retention (see :class:`Writer`).
         **kwds: keyword arguments for ``savefun``.
 
@@ -95,7 +109,7 @@ class StandardWriter(Writer):
 
     def __init__(
         self,
-        savefun: SaveFun = torch.save,
+        savefun: SaveFun | None = torch.save,
         fs: Any = None,
         out_dir: str = "",
         *,
@@ -109,7 +123,7 @@ class StandardWriter(Writer):
         super().__init__(
             fs=fs, out_dir=out_dir, durable=durable, keep_last=keep_last, keep_pattern=keep_pattern
         )
-        if not callable(savefun):
+        if savefun is not None and not callable(savefun):
             raise InvalidSnapshotArgument(f"savefun must be callable, not {savefun!r}")
         if not isinstance(stage, bool):
             raise InvalidSnapshotArgument(f"stage must be a bool, not {stage!r}")
@@ -150,6 +164,8 @@ class StandardWriter(Writer):
             InvalidSnapshotArgument: bad filename or option; nothing was written.
             StagingError: the target cannot be copied or serialized; nothing written.
             SnapshotWriteError: an earlier save failed and was not reported yet.
+            WriterBusyError: called on a running event loop while ``max_pending`` saves
+                are in flight (nothing staged): ``await writer.wait_for_room()`` first.
             WriterClosedError: the writer was finalized.
         """
         self._check_open()
@@ -160,7 +176,7 @@ class StandardWriter(Writer):
             raise InvalidSnapshotArgument(f"stage must be a bool, not {stage!r}")
         if self._portal.in_loop_thread():
             raise RuntimeError("a writer cannot be called from its own loop thread")
-        self._room.acquire()
+        self._take_room(request.dest.path)
         staged = None
         try:
             self._check_open()
@@ -171,10 +187,11 @@ class StandardWriter(Writer):
                 request.device_tags = staged.device_tags
             job = _Job(
                 request=request,
-                filename=request.dest.relpath,
+                filename=worker_filename(self.out_dir, request.dest),
                 staged=staged,
                 stage_seconds=time.perf_counter() - start,
                 called_at=start,
+                out_dir=self._check_call_out_dir(out_dir),
             )
             return self._submit(job, on_done=self._room.release)
         except BaseException:
@@ -182,6 +199,19 @@ class StandardWriter(Writer):
                 self._stager.release(staged)
             self._room.release()
             raise
+
+    def _take_room(self, path: str) -> None:
+        """Take one of the ``max_pending`` slots; block for it unless that would block a
+        running event loop (then :class:`WriterBusyError`)."""
+        if self._room.acquire(blocking=False):
+            return
+        if _on_event_loop():
+            raise WriterBusyError(
+                f"cannot start saving {path!r}: max_pending={self.max_pending} save(s) are in "
+                "flight, and waiting for one here would block the event loop; await "
+                "writer.wait_for_room() before the call, or use await writer.asave(...)"
+            )
+        self._room.acquire()
 
     async def wait_for_room(self) -> None:
         """Wait, without blocking the loop, until a call would not block on ``max_pending``.
@@ -194,7 +224,10 @@ class StandardWriter(Writer):
                 return
             with self._lock:
                 pending = list(self._pending)
-            await await_any(pending)
+            if pending:
+                await await_any(pending)
+            else:  # a call of another thread is staging: its save is not pending yet
+                await anyio.sleep(0.005)
 
     async def asave(
         self,
@@ -211,9 +244,15 @@ class StandardWriter(Writer):
         Same arguments and errors as calling the writer; returns the
         :class:`SnapshotResult` of the committed snapshot.
         """
-        await self.wait_for_room()
-        handle = self(filename, out_dir, target, savefun=savefun, append=append, stage=stage)
-        return await handle
+        while True:
+            await self.wait_for_room()
+            try:
+                handle = self(
+                    filename, out_dir, target, savefun=savefun, append=append, stage=stage
+                )
+            except WriterBusyError:
+                continue  # another caller took the room first
+            return await handle
 
     def create_worker(
         self,
@@ -237,7 +276,11 @@ class StandardWriter(Writer):
         return _ThreadWorker(self, (filename, out_dir, target, fun, append), savefun_kwargs)
 
     def _uses_workers(self) -> bool:
-        return type(self).create_worker is not StandardWriter.create_worker
+        """Whether saves go through :meth:`create_worker`: it was overridden by a subclass
+        or replaced on a class or instance (``mock.patch``): it is not the default one."""
+        if "create_worker" in vars(self):  # patched on the instance
+            return True
+        return getattr(type(self), "create_worker", None) is not _DEFAULT_CREATE_WORKER
 
     async def _write_job(self, job: _Job) -> WriteOutcome:
         if not self._uses_workers():
@@ -246,7 +289,7 @@ class StandardWriter(Writer):
         start = time.perf_counter()
         worker = self.create_worker(
             job.filename,
-            request.dest.out_dir,
+            job.out_dir,
             request.target,
             savefun=request.savefun,
             append=request.append,
@@ -254,12 +297,7 @@ class StandardWriter(Writer):
         )
         await anyio.to_thread.run_sync(worker.start)
         await anyio.to_thread.run_sync(worker.join)
-        exitcode = getattr(worker, "exitcode", 0)
-        error = getattr(worker, "error", None)
-        if error is not None:
-            raise error
-        if exitcode not in (0, None):
-            raise ChildProcessFailure(f"the worker of this save ended with exit code {exitcode}")
+        _check_worker(worker)
         outcome = getattr(worker, "outcome", None)
         if getattr(worker, "runs_hooks", True) is False:
             await anyio.to_thread.run_sync(self._post_save)
@@ -274,6 +312,30 @@ class StandardWriter(Writer):
             return int(self.fs.stat(request.dest.path).size)
         except Exception:
             return 0
+
+
+_DEFAULT_CREATE_WORKER = StandardWriter.__dict__["create_worker"]
+
+
+def _check_worker(worker: Any) -> None:
+    """ppe's worker contract, after ``join()``: raise the failure it reports.
+
+    A real exception on ``worker.error`` is raised as it is. An ``exitcode`` that is an
+    int other than 0, or ``None`` (``join()`` returned while the process still runs), is
+    a failure; a worker without ``exitcode`` (a bare thread) counts as successful.
+    """
+    error = getattr(worker, "error", None)
+    if isinstance(error, BaseException):
+        raise error
+    if not hasattr(worker, "exitcode"):
+        return
+    exitcode = worker.exitcode
+    if exitcode is None:
+        raise ChildProcessFailure(
+            "the worker of this save had not exited when join() returned (exitcode None)"
+        )
+    if isinstance(exitcode, int) and not isinstance(exitcode, bool) and exitcode != 0:
+        raise ChildProcessFailure(f"the worker of this save ended with exit code {exitcode}")
 
 
 class ThreadWriter(StandardWriter):
@@ -299,7 +361,7 @@ class ProcessWriter(StandardWriter):
 
     def __init__(
         self,
-        savefun: SaveFun = torch.save,
+        savefun: SaveFun | None = torch.save,
         fs: Any = None,
         out_dir: str = "",
         *,
@@ -320,6 +382,7 @@ class ProcessWriter(StandardWriter):
         append: bool = False,
         **savefun_kwargs: Any,
     ) -> ProcessWorker:
-        """Return a :class:`ProcessWorker` that saves ``target`` in a child process."""
+        """Return a :class:`ProcessWorker` (a :class:`multiprocessing.Process`) that saves
+        ``target`` in a child process."""
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
         return ProcessWorker(request, self._mp_context)

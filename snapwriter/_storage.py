@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import stat as stat_module
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,15 +36,16 @@ from typing import IO, Any
 import aiofiles.os
 import anyio.to_thread
 
+from ._exceptions import InvalidSnapshotArgument
 from ._paths import (
     Destination,
     check_local_destination,
     is_temp_name,
+    temp_may_be_removed,
     temp_name_for,
-    temp_owner_alive,
 )
 
-__all__ = ("FileStat", "LocalFileSystem", "Storage")
+__all__ = ("FileStat", "LocalFileSystem", "Storage", "local_paths")
 
 logger = logging.getLogger("snapwriter")
 
@@ -146,6 +148,42 @@ def _fsync_file(f: IO[Any]) -> None:
 _afsync_directory = aiofiles.os.wrap(fsync_directory)
 
 
+def _identity(path: str) -> str:
+    return path
+
+
+def local_paths(fs: Any) -> Callable[[str], str] | None:
+    """How paths of ``fs`` map to local paths, or ``None`` for a file system that is not
+    local (then there is nothing to ``fsync`` and no symbolic link to check).
+
+    Local: snapwriter's :class:`LocalFileSystem`, any file system whose ``is_local``
+    attribute is ``True``, and pytorch-pfn-extras' own ``_PosixFileSystem`` (its paths
+    are relative to its ``root``).
+    """
+    if isinstance(fs, LocalFileSystem) or getattr(fs, "is_local", False) is True:
+        return _identity
+    ppe_base = sys.modules.get("pytorch_pfn_extras.writing._writer_base")
+    posix = getattr(ppe_base, "_PosixFileSystem", None)
+    if isinstance(posix, type) and isinstance(fs, posix):
+        mapper: Callable[[str], str] = getattr(fs, "get_actual_path")  # noqa: B009
+        return mapper
+    return None
+
+
+def _missing_directories(path: str) -> tuple[list[str], str]:
+    """The directories ``makedirs(path)`` would create (deepest first), and the first
+    existing ancestor."""
+    missing = []
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return missing, probe
+
+
 class _WriteErrorRecorder:
     """The file object ``savefun`` gets: the real one, remembering the first ``OSError``
     its ``write`` raised (serializers may re-raise it as something without errno)."""
@@ -180,7 +218,27 @@ class Storage:
     def __init__(self, fs: Any, *, durable: bool = True) -> None:
         self.fs = fs
         self.durable = durable
-        self.is_local = isinstance(fs, LocalFileSystem)
+        self._local = local_paths(fs)
+        self.is_local = self._local is not None
+
+    def local(self, path: str) -> str:
+        """The local path of ``path`` (local file systems only)."""
+        assert self._local is not None
+        return self._local(path)
+
+    def makedirs(self, directory: str) -> None:
+        """Create ``directory`` and its parents; on a local file system with ``durable``,
+        ``fsync`` every new directory and the existing one that holds the first, so the
+        new entries survive a power loss."""
+        if not (self.is_local and self.durable):
+            self.fs.makedirs(directory, exist_ok=True)
+            return
+        missing, existing = _missing_directories(self.local(directory))
+        self.fs.makedirs(directory, exist_ok=True)
+        if missing:
+            for new in missing:
+                fsync_directory(new)
+            fsync_directory(existing)
 
     # -- write (blocking: worker thread or child process) -------------------------------
 
@@ -203,7 +261,7 @@ class Storage:
             Whatever ``savefun`` or the file system raised; the temporary file is removed.
         """
         self._check(dest)
-        self.fs.makedirs(dest.directory, exist_ok=True)
+        self.makedirs(dest.directory)
         tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
         recorder: _WriteErrorRecorder | None = None
         try:
@@ -237,21 +295,46 @@ class Storage:
         target: Any,
         kwds: dict[str, Any],
     ) -> int:
-        """Append to the final file directly (ppe's ``append=True``; not atomic)."""
+        """Append to the final file directly (ppe's ``append=True``; not atomic).
+
+        Raises:
+            InvalidSnapshotArgument: (local file systems) the final name is a symbolic
+                link: it is not followed (``O_NOFOLLOW``), nothing is written.
+        """
         self._check(dest)
-        self.fs.makedirs(dest.directory, exist_ok=True)
-        with self.fs.open(dest.path, "ab") as f:
+        self.makedirs(dest.directory)
+        created = False
+        with self._open_append(dest) as f:
             start = f.tell()
+            created = start == 0
             savefun(target, f, **kwds)
             f.flush()
             nbytes = f.tell() - start
             if self.durable:
                 _fsync_file(f)
+        if created and self.durable and self.is_local:
+            fsync_directory(self.local(dest.directory))
         return int(nbytes)
 
+    def _open_append(self, dest: Destination) -> IO[Any]:
+        if not self.is_local:
+            return self.fs.open(dest.path, "ab")  # type: ignore[no-any-return]
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.local(dest.path), flags, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidSnapshotArgument(
+                    f"snapshot {dest.path!r} is a symbolic link: append=True does not "
+                    "follow it (it could point outside out_dir)"
+                ) from exc
+            raise
+        return os.fdopen(fd, "ab")
+
     def _check(self, dest: Destination) -> None:
-        if self.is_local:
-            check_local_destination(dest)
+        if self._local is not None:
+            check_local_destination(dest, self._local)
 
     def remove_quietly(self, path: str) -> None:
         with contextlib.suppress(Exception):
@@ -263,14 +346,17 @@ class Storage:
         """Atomically move ``tmp`` onto ``dest.path`` and make the rename durable."""
         try:
             if self.is_local:
-                await aiofiles.os.replace(tmp, dest.path)
+                await aiofiles.os.replace(self.local(tmp), self.local(dest.path))
             else:
-                await anyio.to_thread.run_sync(self.fs.rename, tmp, dest.path)
+                # An object store's move is a copy then a delete: FsspecFileSystem's
+                # commit_rename reports success once the copy is done.
+                move = getattr(self.fs, "commit_rename", None) or self.fs.rename
+                await anyio.to_thread.run_sync(move, tmp, dest.path)
         except BaseException:
             await anyio.to_thread.run_sync(self.remove_quietly, tmp)
             raise
         if self.durable and self.is_local:
-            await _afsync_directory(dest.directory)
+            await _afsync_directory(self.local(dest.directory))
 
     # -- housekeeping -------------------------------------------------------------------
 
@@ -278,11 +364,12 @@ class Storage:
         """Remove temporary leftovers of crashed saves directly under ``directory``.
 
         Args:
-            only_dead: skip temporary files whose writing process is still alive on this
-                host (a save in progress by another writer). On a remote file system
-                with a ``stale_temp_seconds`` attribute (:class:`FsspecFileSystem`),
-                also skip temporary files younger than that: pids only name processes
-                of this host, and another host's save may be committing them.
+            only_dead: remove only what no save can still be writing: this host's
+                temporary files whose process is dead (or of an earlier boot), another
+                host's once unmodified for :data:`~snapwriter._paths.FOREIGN_TEMP_SECONDS`
+                (a shared directory: NFS, Lustre). On a remote file system with a
+                ``stale_temp_seconds`` attribute (:class:`FsspecFileSystem`), also skip
+                temporary files younger than that.
 
         Returns the removed paths. Only names matching the temporary pattern are touched.
         """
@@ -293,29 +380,37 @@ class Storage:
             return removed
         grace = float(getattr(self.fs, "stale_temp_seconds", 0.0)) if only_dead else 0.0
         for name in names:
-            if is_temp_name(name) and not (only_dead and temp_owner_alive(name)):
-                path = os.path.join(directory, name)
-                if self.is_local:
-                    try:
-                        if not stat_module.S_ISREG(os.lstat(path).st_mode):
-                            continue
-                    except FileNotFoundError:
-                        continue
-                elif grace > 0 and not self._older_than(path, grace):
-                    continue
+            if not is_temp_name(name):
+                continue
+            path = os.path.join(directory, name)
+            if self.is_local:
                 try:
-                    self.fs.remove(path)
+                    st = os.lstat(self.local(path))
                 except FileNotFoundError:
-                    continue  # removed meanwhile
-                except OSError as exc:
-                    logger.warning("snapwriter: cannot remove temporary file %s: %s", path, exc)
                     continue
-                removed.append(path)
+                if not stat_module.S_ISREG(st.st_mode):
+                    continue
+                mtime: float | None = st.st_mtime
+            else:
+                mtime = self._mtime(path)
+            if only_dead:
+                if not temp_may_be_removed(name, mtime):
+                    continue
+                if grace > 0 and (mtime is None or time.time() - mtime <= grace):
+                    continue
+            try:
+                self.fs.remove(path)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError as exc:
+                logger.warning("snapwriter: cannot remove temporary file %s: %s", path, exc)
+                continue
+            removed.append(path)
         return removed
 
-    def _older_than(self, path: str, seconds: float) -> bool:
-        """Whether ``path`` was last modified more than ``seconds`` ago (remote fs)."""
+    def _mtime(self, path: str) -> float | None:
+        """When ``path`` was last modified (remote fs), ``None`` if unknown or vanished."""
         try:
-            return time.time() - float(self.fs.stat(path).last_modified) > seconds
-        except Exception:  # vanished, or no usable time: leave it alone
-            return False
+            return float(self.fs.stat(path).last_modified)
+        except Exception:
+            return None

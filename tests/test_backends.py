@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def test_url_as_per_call_out_dir_is_rejected(tmp_path: Path) -> None:
 
 
 def test_timestamps_from_backend_info() -> None:
-    aware = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    aware = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert _timestamp(aware) == aware.timestamp()
     assert _timestamp(aware.replace(tzinfo=None)) == aware.timestamp()  # naive is UTC
     assert _timestamp("2024-01-02T03:04:05Z") == aware.timestamp()
@@ -559,3 +559,28 @@ def test_network_failure_keeps_the_previous_object(
         w.finalize()
     assert backend.names() == ["snap.pt"]  # no temporary object either
     assert_same(backend.load("snap.pt"), old)
+
+
+def test_s3_commit_after_copy_is_not_a_failure(
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On S3 the commit is a server-side copy then a delete: a failed delete after the
+    copy leaves the snapshot committed; the writer says so and does not report failure."""
+    s3 = _s3(s3_endpoint)
+    run = f"{BUCKET}/commit-{uuid.uuid4().hex[:12]}"
+    real_rm = s3.rm_file
+
+    def flaky_rm(path: str, *args: Any, **kwargs: Any) -> Any:
+        if snapwriter.is_temp_name(path):
+            raise PermissionError("s3:DeleteObject denied")
+        return real_rm(path, *args, **kwargs)
+
+    monkeypatch.setattr(s3, "rm_file", flaky_rm)
+    with snapwriter.StandardWriter(fs=s3, out_dir=run) as w:
+        result = w("snap.pt", "", {"x": torch.arange(5)}).result(timeout=60)
+    assert result.path == f"{run}/snap.pt"
+    with s3.open(f"{run}/snap.pt", "rb") as f:
+        assert torch.equal(torch.load(f)["x"], torch.arange(5))
+    assert "could not delete its temporary object" in caplog.text

@@ -16,9 +16,13 @@ from tests.conftest import WriterFactory
 
 
 def test_default_pattern() -> None:
-    assert default_pattern("snapshot_iter_1200.pt") == "snapshot_iter_*.pt"
-    assert default_pattern("model.pt") == "model.pt"
-    assert default_pattern("ep3[x]_10") == "ep*[[]x]_*"
+    owns = default_pattern("snapshot_iter_1200.pt").fullmatch
+    assert owns("snapshot_iter_7.pt") and owns("snapshot_iter_1200.pt")
+    assert not owns("snapshot_iter_best.pt") and not owns("snapshot_iter_7.pt.bak")
+    assert default_pattern("model.pt").fullmatch("model.pt")
+    assert not default_pattern("model.pt").fullmatch("model2.pt")
+    odd = default_pattern("ep3[x]_10").fullmatch
+    assert odd("ep12[x]_3") and not odd("ep12x_3")
 
 
 def test_keep_last_keeps_newest_n(make_writer: WriterFactory, tmp_path: Path) -> None:

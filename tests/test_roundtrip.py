@@ -52,13 +52,17 @@ def test_constructor_out_dir_takes_precedence(make_writer: WriterFactory, tmp_pa
     assert not theirs.exists()
 
 
-def test_call_out_dir_used_when_constructor_empty(
-    make_writer: WriterFactory, tmp_path: Path
+def test_call_out_dir_ignored_like_ppe(
+    make_writer: WriterFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """ppe writes relative to the writer's out_dir (the cwd when empty), never the call's:
+    the one directory that n_retains and autoload read."""
+    monkeypatch.chdir(tmp_path)
     w = make_writer()
     w("snap.pt", str(tmp_path / "call"), {"x": 1})
     w.finalize()
-    assert load(tmp_path / "call" / "snap.pt") == {"x": 1}
+    assert load(tmp_path / "snap.pt") == {"x": 1}
+    assert not (tmp_path / "call").exists()
 
 
 def _json_save(target: Any, f: Any, *, indent: int = 0) -> None:

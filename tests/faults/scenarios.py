@@ -307,6 +307,8 @@ def _probe(fn: Callable[[], Any]) -> dict[str, Any]:
 
 @scenario
 def bad_filenames(p: dict[str, Any]) -> None:
+    if p.get("chdir"):  # a writer without out_dir writes into the current directory
+        os.chdir(p["chdir"])
     w = _writer(p)
     out_dir = p["out_dir"]
     target = payload(5)
@@ -1049,10 +1051,10 @@ def permission(p: dict[str, Any]) -> None:
     faultlib.drop_privileges()
     r: dict[str, Any] = {"uid": os.getuid()}
     for label, (out_dir, name) in p["cases"].items():
-        w = make_writer(p["kind"], "")
+        w = make_writer(p["kind"], out_dir)  # ppe's rule: the writer's out_dir is used
         r[label] = _probe(lambda w=w, out_dir=out_dir, name=name: w(name, out_dir, payload(2)))
         r[label]["finalize"] = outcome_of(w.finalize)
-    w = make_writer(p["kind"], "")
+    w = make_writer(p["kind"], p["writable"])
     r["writable"] = _probe(lambda: w("ok.pt", p["writable"], payload(3)))
     r["writable_finalize"] = outcome_of(w.finalize)
     write_result(r)

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from snapwriter import _paths
+
 from . import faultlib
 from .harness import (
     SPAWN_SLOW,
@@ -202,7 +204,8 @@ class SyscallSweep:
         self.version = 100
 
     def tmp_path(self, pid: int) -> str:
-        return f"{self.out_dir}/.snap.pt.snapwriter-tmp-{pid}-{TOKEN}"
+        host = f"{_paths.HOST_ID}-{_paths.BOOT_ID}"  # the child runs on this host and boot
+        return f"{self.out_dir}/.snap.pt.snapwriter-tmp-{host}-{pid}-{TOKEN}"
 
     def run(self, label: str, group: str, inject: str | None, *, recover: bool = False) -> SweepRun:
         self.runs += 1
