@@ -84,7 +84,10 @@ class CorpusRun:
 
 def _save_ref(target: Any, path: Path, result: EntryResult) -> None:
     try:
-        torch.save(target, path)
+        # into an open file, as ppe's writers call their savefun (torch.save names the
+        # archive after the file when given a path, "archive" when given a file object)
+        with open(path, "wb") as f:
+            torch.save(target, f)
     except Exception as exc:
         result.ref_error = exc
     else:

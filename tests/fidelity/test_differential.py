@@ -107,12 +107,32 @@ def test_file_like_torch_save(run: CorpusRun, name: str) -> None:
     _check_size(run, name, ref, snap)
 
 
+#: Writers whose child process receives the staged target through a pipe or as spawn
+#: arguments (unpickled there). Equal strings and NumPy dtypes that were one object in the
+#: caller (CPython interns dict keys) are separate objects in the child, so the child's
+#: data.pkl writes them out again instead of referring back: a few bytes longer, loading
+#: identically (test_loads_like_torch_save). README, "Fidelity", says so.
+PIPED = frozenset({"ProcessWriter-spawn", "ProcessQueueWriter-fork", "ProcessQueueWriter-spawn"})
+
+
 @pytest.mark.parametrize("name", SAVED)
 def test_pickle_stream_size_like_torch_save(run: CorpusRun, name: str) -> None:
     """``data.pkl`` has torch.save's size: also pickle's memo (shared strings, dtypes) kept."""
     ref, snap = _own_files(run, name)
+    if run.writer in PIPED:
+        pytest.skip(f"{run.writer} unpickles the target in its child (see PIPED)")
     diffs = compare_files(ref, snap)
     assert not diffs, _report(run, name, diffs)
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_file_is_byte_identical_to_torch_save(run: CorpusRun, name: str) -> None:
+    """Writers that serialize the staged graph in the caller's process image write
+    torch.save's very bytes (torch.save is deterministic: same graph, same file)."""
+    ref, snap = _own_files(run, name)
+    if run.writer in PIPED:
+        pytest.skip(f"{run.writer} unpickles the target in its child (see PIPED)")
+    assert snap.read_bytes() == ref.read_bytes(), f"{run.writer} / {name}: bytes differ"
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -127,8 +147,9 @@ def test_combined_file(run: CorpusRun, group: str) -> None:
     diffs = compare_files(combined.ref, combined.snap, pickle_size=False)
     assert not diffs, _report(run, group, diffs)
     _check_size(run, group, combined.ref, combined.snap)
-    diffs = compare_files(combined.ref, combined.snap)
-    assert not diffs, _report(run, group, diffs)  # data.pkl's size, checked last
+    if run.writer not in PIPED:
+        diffs = compare_files(combined.ref, combined.snap)
+        assert not diffs, _report(run, group, diffs)  # data.pkl's size, checked last
 
 
 @pytest.mark.parametrize("name", REFUSED)
