@@ -26,6 +26,7 @@ import anyio
 import anyio.to_thread
 import torch
 
+from ._coordination import SetRole, role_for
 from ._exceptions import (
     InvalidSnapshotArgument,
     SnapshotError,
@@ -97,6 +98,8 @@ class _Job:
     stage_seconds: float
     called_at: float = field(default_factory=time.perf_counter)
     out_dir: str = ""
+    #: This call's part in a rank set (ppe's SHARDED mode, RankSetWriter), if any.
+    rank_set: SetRole | None = None
 
 
 def worker_filename(writer_out_dir: str, dest: Destination) -> str:
@@ -520,6 +523,7 @@ class Writer:
                 holds: staged buffers, its ``max_pending`` slot).
         """
         path = job.request.dest.path
+        job.rank_set = role_for(self, job)
         future: Future[SnapshotResult] = self._start_pending(self._run_job, job, path)
 
         def finished(_f: Future[SnapshotResult]) -> None:
@@ -579,6 +583,12 @@ class Writer:
         return outcome
 
     async def _run_job(self, job: _Job) -> SnapshotResult:
+        if job.rank_set is not None:  # the all-ranks commit wraps the ordinary save
+            result: SnapshotResult = await job.rank_set.run(self, job, self._run_one_job)
+            return result
+        return await self._run_one_job(job)
+
+    async def _run_one_job(self, job: _Job) -> SnapshotResult:
         _saving_for.set(self)  # this task's context; copied into its worker threads
         dest = job.request.dest
         lock = self._path_lock_acquire(dest.path)

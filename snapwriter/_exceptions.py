@@ -13,6 +13,9 @@ catching it::
         ├── SnapshotWriteError        a save failed in the background; raised by the
         │                             handle, by the next call and by finalize()/aclose();
         │                             ``__cause__`` is the original exception
+        │   └── IncompleteSetError    a rank set (one file per rank) was not committed:
+        │                             a rank died, failed or timed out; raised on every
+        │                             surviving rank (handles, next call, finalize())
         ├── ChildProcessFailure       a child process (ProcessWriter...) died or failed
         │                             with an exception that could not be sent back;
         │                             found as the __cause__ of a SnapshotWriteError
@@ -31,6 +34,7 @@ from collections.abc import Sequence
 
 __all__ = (
     "ChildProcessFailure",
+    "IncompleteSetError",
     "InvalidSnapshotArgument",
     "SnapshotError",
     "SnapshotLostError",
@@ -71,6 +75,31 @@ class SnapshotWriteError(SnapshotError):
     def __init__(self, message: str, path: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+class IncompleteSetError(SnapshotWriteError):
+    """A rank set was not committed: its marker was not (and will not be) written.
+
+    Attributes:
+        path: the set directory.
+        missing_ranks: ranks whose member was never reported committed (dead or too
+            slow: the timeout passed).
+        failed_ranks: ranks whose own save failed (their error is in their logs).
+
+    The previous complete set is untouched and stays the one discovery and autoload
+    find.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str,
+        missing_ranks: Sequence[int] = (),
+        failed_ranks: Sequence[int] = (),
+    ) -> None:
+        super().__init__(message, path)
+        self.missing_ranks = tuple(missing_ranks)
+        self.failed_ranks = tuple(failed_ranks)
 
 
 class ChildProcessFailure(SnapshotError):

@@ -103,10 +103,10 @@ class LocalFileSystem:
             for entry in os.scandir(root):
                 yield entry.name
             return
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel = os.path.relpath(dirpath, root)
-            for name in sorted(dirnames) + sorted(filenames):
-                yield name if rel == "." else os.path.join(rel, name)
+        # Rank sets whose marker is missing are hidden (see snapwriter._manifest).
+        from ._manifest import hide_incomplete_sets
+
+        yield from hide_incomplete_sets(root, os.walk(root))
 
     def stat(self, path: str) -> FileStat:
         st = os.stat(path)
