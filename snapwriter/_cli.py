@@ -29,6 +29,7 @@ from typing import Any
 
 from ._discovery import SnapshotEntry, list_snapshots
 from ._fsspec import resolve_filesystem
+from ._manifest import file_digest, set_status
 from ._paths import temp_owner_alive
 from ._storage import Storage
 
@@ -41,6 +42,7 @@ __all__ = (
     "load_snapshot",
     "main",
     "verify_file",
+    "verify_set",
 )
 
 EXIT_OK = 0
@@ -104,6 +106,8 @@ def _iso_time(timestamp: float) -> str:
 
 
 def _status(entry: SnapshotEntry) -> str:
+    if entry.kind == "set":
+        return "complete set" if entry.complete else "incomplete set"
     if not entry.temporary:
         return "complete"
     return "in progress" if temp_owner_alive(entry.name) else "temp leftover"
@@ -212,13 +216,65 @@ def verify_file(fs: Any, path: str, *, quick: bool) -> str:
     return detail
 
 
+def verify_set(fs: Any, path: str, *, quick: bool) -> str:
+    """Verify a rank set: its marker, then each member (manifest size and SHA-256 when
+    there is a manifest, then :func:`verify_file`).
+
+    Raises:
+        DamagedSnapshot: the set is incomplete (no marker), or a member is missing,
+            has another size or checksum than its manifest says, or is damaged.
+    """
+    status = set_status(fs, path)
+    if status is None:
+        raise DamagedSnapshot("not a rank set")
+    if not status.complete:
+        raise DamagedSnapshot(
+            f"incomplete set: no marker ({len(status.members)} member(s) present)"
+        )
+    if status.manifest is None:
+        if status.tagged:
+            raise DamagedSnapshot("incomplete set: the marker is there but no manifest")
+        names = list(status.members)  # a set written by ppe itself: no manifest
+    else:
+        names = []
+        for record in status.manifest.members:
+            member = os.path.join(path, record.name)
+            if not fs.exists(member):
+                raise DamagedSnapshot(
+                    f"incomplete set: member {record.name} (rank {record.rank}) missing"
+                )
+            size, digest = file_digest(fs, member)
+            if (size, digest) != (record.size, record.sha256):
+                what = "size" if size != record.size else "SHA-256"
+                raise DamagedSnapshot(
+                    f"member {record.name} (rank {record.rank}) differs from the manifest: "
+                    f"{what} (size {size}, expected {record.size})"
+                )
+            names.append(record.name)
+    if not names:
+        raise DamagedSnapshot("set without members")
+    for name in names:
+        try:
+            verify_file(fs, os.path.join(path, name), quick=quick)
+        except DamagedSnapshot as exc:
+            raise DamagedSnapshot(f"member {name}: {exc}") from exc
+    checked = "size+sha256+" if status.manifest is not None else ""
+    return f"set of {len(names)} member(s), {checked}{'archive' if quick else 'loaded'} ok"
+
+
+def _verify_any(fs: Any, path: str, *, quick: bool) -> str:
+    if fs.isdir(path):
+        return verify_set(fs, path, quick=quick)
+    return verify_file(fs, path, quick=quick)
+
+
 # -- commands -------------------------------------------------------------------------
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     fs, directory = _filesystem(args.dir)
     _require_dir(fs, directory)
-    entries = list_snapshots(directory, args.pattern, fs=fs)
+    entries = list_snapshots(directory, args.pattern, fs=fs, include_sets=True)
     if args.json:
         records = [
             {
@@ -228,6 +284,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 "mtime": _iso_time(e.mtime),
                 "timestamp": e.mtime,
                 "status": _status(e),
+                "kind": e.kind,
             }
             for e in entries
         ]
@@ -244,8 +301,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     fs, location = _filesystem(args.path)
-    if fs.isdir(location):
-        entries = list_snapshots(location, args.pattern, fs=fs)
+    if fs.isdir(location) and set_status(fs, location) is not None:
+        files = [(location, location)]  # one rank set
+    elif fs.isdir(location):
+        entries = list_snapshots(location, args.pattern, fs=fs, include_sets=True)
         temps = sum(e.temporary for e in entries)
         files = [(e.name, e.path) for e in entries if not e.temporary]
         if temps:
@@ -261,7 +320,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     damaged = 0
     for name, path in files:
         try:
-            detail = verify_file(fs, path, quick=args.quick)
+            detail = _verify_any(fs, path, quick=args.quick)
         except DamagedSnapshot as exc:
             damaged += 1
             print(f"DAMAGED  {name.ljust(width)}  {exc}", flush=True)
@@ -274,11 +333,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_latest(args: argparse.Namespace) -> int:
     fs, directory = _filesystem(args.dir)
     _require_dir(fs, directory)
-    entries = list_snapshots(directory, args.pattern, fs=fs, include_temporary=False)
+    entries = list_snapshots(
+        directory, args.pattern, fs=fs, include_temporary=False, include_sets=True
+    )
     for entry in reversed(entries):
         if args.verified:
             try:
-                verify_file(fs, entry.path, quick=True)
+                _verify_any(fs, entry.path, quick=True)
             except DamagedSnapshot as exc:
                 print(f"skipping damaged {entry.path}: {exc}", file=sys.stderr)
                 continue
@@ -336,7 +397,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="list snapshots with size, modification time and status",
         description="List the files of a snapshot directory, oldest first. Status is "
         "'complete', 'temp leftover' (a crashed save) or 'in progress' (a temporary "
-        "file whose writer process still runs).",
+        "file whose writer process still runs); rank sets (a directory of one file per "
+        "rank) are 'complete set' or 'incomplete set' (no marker, or a member missing).",
     )
     ls.add_argument("dir", metavar="DIR", help="snapshot directory or URL (s3://bucket/run)")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

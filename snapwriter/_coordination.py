@@ -228,6 +228,7 @@ class SetRole:
     timeout: float
     leader: bool = False
     native: bool = False
+    marker_rank: int | None = None
     keep: Callable[[SetManifest], Awaitable[None]] | None = None
     manifest: SetManifest | None = None
     committed_at: float = 0.0
@@ -265,7 +266,14 @@ class SetRole:
         if not self.native:
             # ppe: the call returned long ago and the marker is another call; watch
             # the set's outcome as a pending save of its own (finalize() waits for it).
-            writer._start_pending(self._watch_pending, writer, self.set_dir, while_closing=True)
+            # (A fresh context: this task's marks it as inside one of the writer's saves.)
+            contextvars.Context().run(
+                writer._start_pending,
+                self._watch_pending,
+                writer,
+                self.set_dir,
+                while_closing=True,
+            )
             return result
         try:
             if self.leader:
@@ -407,12 +415,15 @@ class SetRole:
                 if time.monotonic() >= deadline:
                     _records, missing, failed = await self._read_members()
                     if not missing and not failed:
+                        who = "the rank writing it"
+                        if self.marker_rank is not None:
+                            who = f"rank {self.marker_rank} (which writes it)"
                         raise IncompleteSetError(
                             f"rank set {self.set_dir!r} not committed: every member was "
                             f"committed but the marker was not written within "
-                            f"{self.timeout:g}s ({SET_TIMEOUT_ENV}): the rank writing it "
-                            "died or hung",
+                            f"{self.timeout:g}s ({SET_TIMEOUT_ENV}): {who} died or hung",
                             self.set_dir,
+                            () if self.marker_rank is None else (self.marker_rank,),
                         )
                     raise self._incomplete(missing, failed, [])
                 await anyio.sleep(interval)
@@ -517,6 +528,7 @@ def make_role(
     leader: bool = False,
     native: bool = False,
     keep: Callable[[SetManifest], Awaitable[None]] | None = None,
+    marker_rank: int | None = None,
 ) -> SetRole:
     """The role of one call, in call order (its generation pairs it up across ranks)."""
     dest = job.request.dest
@@ -537,6 +549,7 @@ def make_role(
         leader=leader,
         native=native,
         keep=keep,
+        marker_rank=marker_rank,
     )
 
 
@@ -594,6 +607,14 @@ def role_for(writer: Any, job: Any) -> SetRole | None:
             f"cannot reach the rendezvous store for rank set {job.request.dest.directory!r}: {exc}",
             job.request.dest.directory,
         ) from exc
+    saver = getattr(extension, "_saver_rank", None)
     return make_role(
-        kind=kind, writer=writer, job=job, rank=rank, world_size=world, store=store, timeout=None
+        kind=kind,
+        writer=writer,
+        job=job,
+        rank=rank,
+        world_size=world,
+        store=store,
+        timeout=None,
+        marker_rank=saver if isinstance(saver, int) else None,
     )

@@ -211,6 +211,7 @@ class RankSetWriter:
                 leader=self.rank == self.leader,
                 native=True,
                 keep=self._retain if self.keep_last is not None else None,
+                marker_rank=self.leader,
             )
             roles.append(role)
             return role
