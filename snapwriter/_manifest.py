@@ -133,7 +133,8 @@ class SetStatus:
         members: the member file names present, in rank order.
         manifest: its manifest, if present and readable.
         size: total bytes of the members present.
-        mtime: the marker's modification time when complete, else the newest member's.
+        mtime: the newest member's modification time (what ppe's autoload orders by;
+            markers of sets saved back to back may land in either order).
         damaged: members the manifest lists that are missing or have another size.
     """
 
@@ -188,11 +189,8 @@ def set_status(fs: Any, directory: str) -> SetStatus | None:
         sizes[name] = int(st.size)
         size += int(st.size)
         mtime = max(mtime, float(st.last_modified))
-    if complete:
-        try:
-            mtime = float(fs.stat(os.path.join(directory, MARKER_NAME)).last_modified)
-        except FileNotFoundError:
-            complete = False
+    if complete and not fs.exists(os.path.join(directory, MARKER_NAME)):
+        complete = False  # removed meanwhile
     damaged: tuple[str, ...] = ()
     if manifest is not None:
         damaged = tuple(m.name for m in manifest.members if sizes.get(m.name) != m.size)
