@@ -63,7 +63,7 @@ def _train_ppe(ctx: RankContext, extra: dict[str, Any]) -> dict[str, Any]:
     try:
         while not manager.stop_trigger:
             if fault is not None and ctx.rank == fault["rank"] and manager.iteration + 1 == fault["at"]:
-                arm_fault(fault["point"])
+                arm_fault(fault["point"], f"snapshot_iter_{fault['at']}")
             with manager.run_iteration():
                 if extra.get("raise_at") == manager.iteration:
                     raise ValueError("training failed")
@@ -92,16 +92,28 @@ def _train_ppe(ctx: RankContext, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def arm_fault(point: str) -> None:
-    """Make this rank kill -9 itself at ``point`` of its next save (fault injection)."""
+def arm_fault(point: str, where: str) -> None:
+    """Make this rank kill -9 itself at ``point`` of its save of set ``where``.
+
+    Fault injection in the victim's own process: the patched functions die only for
+    paths of that set (saves of earlier sets may still be in flight in the background).
+    """
     from snapwriter import _coordination, _staging, _storage
 
+    def hit(path: Any) -> bool:
+        return where in str(path)
+
     if point == "staging":
+        stage = _staging.Stager.stage
         _staging.Stager.stage = lambda self, *a, **k: kill_self()  # type: ignore[method-assign]
+        _ = stage  # staging happens in the call of that very set
     elif point == "write":
         original = _storage.Storage.write_temp
 
         def write_half(self: Any, dest: Any, savefun: Any, target: Any, kwds: Any) -> Any:
+            if not hit(dest.path):
+                return original(self, dest, savefun, target, kwds)
+
             def partial(obj: Any, f: Any, **kw: Any) -> None:
                 f.write(b"\0" * 4096)  # a temporary file, half written
                 f.flush()
@@ -111,19 +123,32 @@ def arm_fault(point: str) -> None:
 
         _storage.Storage.write_temp = write_half  # type: ignore[method-assign]
     elif point == "before_commit":
+        commit = _storage.Storage.acommit
 
         async def no_commit(self: Any, tmp: str, dest: Any) -> None:
-            kill_self()
+            if hit(dest.path):
+                kill_self()
+            await commit(self, tmp, dest)
 
         _storage.Storage.acommit = no_commit  # type: ignore[method-assign]
     elif point == "after_commit":
+        publish = _coordination.SetRole._publish_member
 
         async def no_report(self: Any, record: Any) -> None:
-            kill_self()
+            if hit(self.set_dir):
+                kill_self()
+            await publish(self, record)
 
         _coordination.SetRole._publish_member = no_report  # type: ignore[method-assign]
     elif point == "before_marker":
-        _coordination._write_manifest = lambda *a: kill_self()  # type: ignore[assignment]
+        write = _coordination._write_manifest
+
+        def no_manifest(fs: Any, path: str, data: bytes, durable: bool) -> None:
+            if hit(path):
+                kill_self()
+            write(fs, path, data, durable)
+
+        _coordination._write_manifest = no_manifest
     else:  # pragma: no cover
         raise ValueError(point)
 
@@ -139,7 +164,7 @@ def native_sets(ctx: RankContext) -> dict[str, Any]:
     fault = extra.get("fault")
     for step in range(1, extra.get("sets", 2) + 1):
         if fault is not None and ctx.rank == fault["rank"] and step == fault["at"]:
-            arm_fault(fault["point"])
+            arm_fault(fault["point"], f"step_{step}")
         shard = {"w": torch.full((64,), float(ctx.rank * 1000 + step)), "step": step}
         handle = sets(f"step_{step}", shard)
         shard["w"].add_(1)  # staged: the set holds the values at the call
