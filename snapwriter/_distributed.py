@@ -145,11 +145,7 @@ class RankSetWriter:
         keep_pattern: str | None = None,
         leader: int = 0,
     ) -> None:
-        if writer is None:
-            from ._standard import StandardWriter
-
-            writer = StandardWriter(out_dir=out_dir)
-        if getattr(writer, "keep_last", None) is not None:
+        if writer is not None and getattr(writer, "keep_last", None) is not None:
             raise InvalidSnapshotArgument(
                 "the writer of a RankSetWriter must not apply keep_last itself (it would "
                 "delete other ranks' files): give keep_last to the RankSetWriter"
@@ -171,14 +167,18 @@ class RankSetWriter:
             raise InvalidSnapshotArgument(f"leader must be in [0, {world_size}), not {leader!r}")
         if timeout is not None and not timeout > 0:
             raise InvalidSnapshotArgument(f"timeout must be > 0, not {timeout!r}")
+        self.keep_last = check_keep_last(keep_last)
+        self._store = private_store(store)
+        if writer is None:
+            from ._standard import StandardWriter
+
+            writer = StandardWriter(out_dir=out_dir)
         self.writer = writer
         self.rank = rank
         self.world_size = world_size
         self.leader = leader
         self.timeout = timeout
-        self.keep_last = check_keep_last(keep_last)
         self.keep_pattern = keep_pattern
-        self._store = private_store(store)
 
     @property
     def out_dir(self) -> str:

@@ -51,7 +51,10 @@ def _train_ppe(ctx: RankContext, extra: dict[str, Any]) -> dict[str, Any]:
         snapshot_on_error=extra.get("on_error", False),
     )
     manager = ExtensionsManager(
-        model, optimizer, max_epochs=1, iters_per_epoch=extra.get("iters", ITERS),
+        model,
+        optimizer,
+        max_epochs=1,
+        iters_per_epoch=extra.get("iters", ITERS),
         out_dir=str(ctx.out),
     )
     manager.extend(snap, trigger=(1, "iteration"))
@@ -62,7 +65,11 @@ def _train_ppe(ctx: RankContext, extra: dict[str, Any]) -> dict[str, Any]:
     error = None
     try:
         while not manager.stop_trigger:
-            if fault is not None and ctx.rank == fault["rank"] and manager.iteration + 1 == fault["at"]:
+            if (
+                fault is not None
+                and ctx.rank == fault["rank"]
+                and manager.iteration + 1 == fault["at"]
+            ):
                 arm_fault(fault["point"], f"snapshot_iter_{fault['at']}")
             with manager.run_iteration():
                 if extra.get("raise_at") == manager.iteration:
@@ -170,11 +177,21 @@ def native_sets(ctx: RankContext) -> dict[str, Any]:
         shard["w"].add_(1)  # staged: the set holds the values at the call
         try:
             r = handle.result(60)
-            results.append({"path": r.path, "members": [m.size for m in r.manifest.members],
-                            "sha": [m.sha256 for m in r.manifest.members]})
+            results.append(
+                {
+                    "path": r.path,
+                    "members": [m.size for m in r.manifest.members],
+                    "sha": [m.sha256 for m in r.manifest.members],
+                }
+            )
         except snapwriter.SnapshotError as exc:
-            results.append({"error": type(exc).__name__, "message": str(exc),
-                            "missing": list(getattr(exc, "missing_ranks", ()))})
+            results.append(
+                {
+                    "error": type(exc).__name__,
+                    "message": str(exc),
+                    "missing": list(getattr(exc, "missing_ranks", ())),
+                }
+            )
     final = None
     try:
         sets.finalize()

@@ -50,8 +50,9 @@ def test_sharded_every_writer_n_retains_and_autoload(writer: str, tmp_path: Path
 @pytest.mark.parametrize("writer", ["ThreadWriter", "ProcessQueueWriter-fork"])
 def test_sharded_world_size_4(writer: str, tmp_path: Path) -> None:
     results = assert_ok(
-        run_ranks(scenarios.train_ppe, 4, tmp_path, extra={"writer": writer, "iters": 2},
-                  rendezvous="tcp")
+        run_ranks(
+            scenarios.train_ppe, 4, tmp_path, extra={"writer": writer, "iters": 2}, rendezvous="tcp"
+        )
     )
     assert all(r["finalize_error"] is None for r in results)
     out = tmp_path / "snapshots"
@@ -60,15 +61,21 @@ def test_sharded_world_size_4(writer: str, tmp_path: Path) -> None:
         ("snapshot_iter_1", "set", True),
         ("snapshot_iter_2", "set", True),
     ]
-    manifest = snapwriter.SetManifest.from_json((out / "snapshot_iter_2" / "snapwriter-set.json").read_bytes())
+    manifest = snapwriter.SetManifest.from_json(
+        (out / "snapshot_iter_2" / "snapwriter-set.json").read_bytes()
+    )
     assert [m.rank for m in manifest.members] == [0, 1, 2, 3]
-    assert all(m.size == (out / "snapshot_iter_2" / m.name).stat().st_size for m in manifest.members)
+    assert all(
+        m.size == (out / "snapshot_iter_2" / m.name).stat().st_size for m in manifest.members
+    )
 
 
 @pytest.mark.parametrize("writer", list(FACTORIES))
 def test_distributed_mode_every_writer(writer: str, tmp_path: Path) -> None:
     extra = {"writer": writer, "mode": "DISTRIBUTED", "n_retains": 2, "saver_rank": 1}
-    results = assert_ok(run_ranks(scenarios.train_ppe, 2, tmp_path, extra={**extra, "resume": True}))
+    results = assert_ok(
+        run_ranks(scenarios.train_ppe, 2, tmp_path, extra={**extra, "resume": True})
+    )
     first = [r["first"] for r in results]
     again = [r["second"] for r in results]
     out = tmp_path / "snapshots"

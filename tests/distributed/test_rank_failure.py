@@ -48,7 +48,12 @@ def test_ppe_sharded_kill_matrix(point: str, victim: int, tmp_path: Path) -> Non
     fault = {"rank": victim, "at": 2, "point": point}
     extra = {"writer": "ThreadWriter", "fault": fault, "iters": 3}
     outcomes = run_ranks(
-        scenarios.train_ppe, 2, tmp_path, extra=extra, env=TIMEOUT_ENV, rendezvous="agent",
+        scenarios.train_ppe,
+        2,
+        tmp_path,
+        extra=extra,
+        env=TIMEOUT_ENV,
+        rendezvous="agent",
         timeout=60,
     )
     assert outcomes[victim].killed, outcomes[victim]
@@ -63,8 +68,13 @@ def test_ppe_sharded_kill_matrix(point: str, victim: int, tmp_path: Path) -> Non
 
     # a restarted job autoloads the previous complete set on every rank
     again = assert_ok(
-        run_ranks(scenarios.train_ppe, 2, tmp_path, extra={"writer": "ThreadWriter",
-                  "autoload": True, "iters": 1}, rendezvous="agent")
+        run_ranks(
+            scenarios.train_ppe,
+            2,
+            tmp_path,
+            extra={"writer": "ThreadWriter", "autoload": True, "iters": 1},
+            rendezvous="agent",
+        )
     )
     assert [r["loaded"] for r in again] == ["snapshot_iter_1/0", "snapshot_iter_1/1"]
     assert [r["start"] for r in again] == [1, 1]
@@ -75,8 +85,9 @@ def test_native_kill_matrix(point: str, victim: int, tmp_path: Path) -> None:
     world = 2
     fault = {"rank": victim, "at": 2, "point": point}
     extra = {"fault": fault, "sets": 2, "timeout": 4.0}
-    outcomes = run_ranks(scenarios.native_sets, world, tmp_path, extra=extra, rendezvous="agent",
-                         timeout=60)
+    outcomes = run_ranks(
+        scenarios.native_sets, world, tmp_path, extra=extra, rendezvous="agent", timeout=60
+    )
     assert outcomes[victim].killed, outcomes[victim]
     for o in outcomes:
         if o.rank == victim:
@@ -96,8 +107,14 @@ def test_native_kill_matrix(point: str, victim: int, tmp_path: Path) -> None:
 def test_store_host_dies_before_the_marker(tmp_path: Path) -> None:
     """The rendezvous is hosted by rank 0 and rank 0 dies: rank 1 fails, not hangs."""
     fault = {"rank": 0, "at": 2, "point": "before_marker"}
-    outcomes = run_ranks(scenarios.native_sets, 2, tmp_path, rendezvous="tcp", timeout=60,
-                         extra={"fault": fault, "sets": 2, "timeout": 4.0})
+    outcomes = run_ranks(
+        scenarios.native_sets,
+        2,
+        tmp_path,
+        rendezvous="tcp",
+        timeout=60,
+        extra={"fault": fault, "sets": 2, "timeout": 4.0},
+    )
     assert outcomes[0].killed
     assert outcomes[1].exitcode == 0, outcomes[1].error
     second = outcomes[1].result["results"][1]

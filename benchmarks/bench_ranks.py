@@ -1,0 +1,263 @@
+"""Many-rank snapshots: training time lost per snapshot and time to a complete set.
+
+World size 2 on this machine (two forked rank processes on gloo, a FileStore
+rendezvous), each rank holding a shard of ``--mib`` MiB (default 256), side by side in
+one run:
+
+* ``snapwriter``: :class:`snapwriter.RankSetWriter` over a ``ThreadWriter`` (staged
+  call; the handle completes when every rank's file and the marker are durable);
+* ``snapwriter+ppe``: ppe's SHARDED protocol (each rank's ``<dir>/<rank>``, barrier,
+  saver's ``<dir>/complete``) with a snapwriter ``ThreadWriter``;
+* ``ppe.ThreadWriter``: the same protocol with ppe's own ``ThreadWriter``;
+* ``dcp.async_save``: ``torch.distributed.checkpoint.async_save``.
+
+*lost* is how long the training loop is held by a snapshot (the call(s), ppe's barrier
+included); *complete* is from the start of the snapshot until the set is durable on
+every rank (for the ppe protocol: every rank's writer finalized, then a barrier). The
+reference is one ``memcpy`` of a rank's shard (``copy_`` into a warm buffer). Medians over
+``--snapshots`` snapshots after one warm-up. Prints a table and writes JSON.
+
+Run:  .venv/bin/python benchmarks/bench_ranks.py [--mib 256] [--snapshots 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "bench_ranks.json"
+CONTENDERS = ("snapwriter", "snapwriter+ppe", "ppe.ThreadWriter", "dcp.async_save")
+N_TENSORS = 8
+
+
+def _shard(mib: int, rank: int) -> dict[str, torch.Tensor]:
+    numel = max(1, mib * (1 << 20) // 4 // N_TENSORS)
+    g = torch.Generator().manual_seed(rank)
+    return {f"layer{i}": torch.randn(numel, generator=g) for i in range(N_TENSORS)}
+
+
+def _memcpy_seconds(state: dict[str, torch.Tensor], reps: int = 3) -> float:
+    buffers = {k: torch.empty_like(v) for k, v in state.items()}
+    for k, v in state.items():
+        buffers[k].copy_(v)  # warm
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for k, v in state.items():
+            buffers[k].copy_(v)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _mutate(state: dict[str, torch.Tensor]) -> None:
+    for v in state.values():
+        v.add_(1.0)  # an optimizer step between snapshots
+
+
+# -- contenders: each returns (lost seconds, complete seconds) for one snapshot ---------
+
+
+def _run_snapwriter(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    import snapwriter
+
+    sets = snapwriter.RankSetWriter(snapwriter.ThreadWriter(out_dir=str(out)))
+    times = []
+    for i in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        handle = sets(f"step_{i}", state)
+        lost = time.perf_counter() - t0
+        _mutate(state)
+        handle.result()
+        times.append((lost, time.perf_counter() - t0))
+    sets.finalize()
+    return times
+
+
+def _ppe_protocol(writer_factory: Callable[[], Any], out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    """ppe's ``_ShardedSnapshot._make_snapshot``, step by step, with a fresh writer per
+    snapshot so that ``finalize()`` marks the set's completion."""
+    rank = dist.get_rank()
+    times = []
+    for i in range(n):
+        writer = writer_factory()
+        dist.barrier()
+        t0 = time.perf_counter()
+        writer(os.path.join(f"step_{i}", str(rank)), str(out), state)
+        dist.barrier()
+        if rank == 0:
+            writer(os.path.join(f"step_{i}", "complete"), "", {})
+        lost = time.perf_counter() - t0
+        _mutate(state)
+        writer.finalize()
+        dist.barrier()
+        times.append((lost, time.perf_counter() - t0))
+    return times
+
+
+def _run_snapwriter_ppe(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    import snapwriter
+
+    return _ppe_protocol(lambda: snapwriter.ThreadWriter(out_dir=str(out)), out, state, n)
+
+
+def _run_ppe(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    from pytorch_pfn_extras import writing
+
+    return _ppe_protocol(lambda: writing.ThreadWriter(out_dir=str(out)), out, state, n)
+
+
+def _run_dcp(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    import torch.distributed.checkpoint as dcp
+
+    times = []
+    for i in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        future = dcp.async_save(state, checkpoint_id=str(out / f"step_{i}"))
+        lost = time.perf_counter() - t0
+        _mutate(state)
+        future.result()
+        dist.barrier()
+        times.append((lost, time.perf_counter() - t0))
+    return times
+
+
+RUNNERS: dict[str, Callable[[Path, Any, int], list[tuple[float, float]]]] = {
+    "snapwriter": _run_snapwriter,
+    "snapwriter+ppe": _run_snapwriter_ppe,
+    "ppe.ThreadWriter": _run_ppe,
+    "dcp.async_save": _run_dcp,
+}
+
+
+# -- ranks ----------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, store_path: str, root: str, args: dict[str, Any]) -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)  # what torchrun does (OMP_NUM_THREADS=1) with several ranks
+    result: dict[str, Any] = {}
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        state = _shard(args["mib"], rank)
+        result["memcpy_s"] = _memcpy_seconds(state)
+        for name in args["contenders"]:
+            out = Path(root) / name.replace("+", "_").replace(".", "_")
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            times = RUNNERS[name](out, state, args["snapshots"] + 1)[1:]  # one warm-up
+            result[name] = times
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(out, ignore_errors=True)  # keep the disk (and cache) small
+            dist.barrier()
+    except BaseException as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    Path(root, f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0 if "error" not in result else 1)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB of state per rank")
+    parser.add_argument("--snapshots", type=int, default=3, help="timed snapshots each")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--dir", type=Path, default=None, help="where the snapshots go")
+    args = parser.parse_args(argv)
+    contenders = [c for c in args.contenders.split(",") if c]
+    for c in contenders:
+        if c not in RUNNERS:
+            parser.error(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}")
+    root = Path(tempfile.mkdtemp(prefix="bench_ranks-", dir=args.dir))
+    try:
+        ctx = multiprocessing.get_context("fork")
+        payload = {"mib": args.mib, "snapshots": args.snapshots, "contenders": contenders}
+        store_path = str(root / "store")
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, args.world, store_path, str(root), payload))
+            for r in range(args.world)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(args.world)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    errors = [r["error"] for r in ranks if "error" in r]
+    if errors:
+        raise RuntimeError("a rank failed:\n" + "\n".join(errors))
+    memcpy = max(r["memcpy_s"] for r in ranks)
+    rows = {}
+    for name in contenders:
+        # per snapshot: the worst rank (the set is as late as its slowest member)
+        lost = [max(r[name][i][0] for r in ranks) for i in range(args.snapshots)]
+        done = [max(r[name][i][1] for r in ranks) for i in range(args.snapshots)]
+        rows[name] = {
+            "lost_s": lost,
+            "complete_s": done,
+            "lost_median_s": _median(lost),
+            "complete_median_s": _median(done),
+            "lost_vs_memcpy": _median(lost) / memcpy,
+        }
+    dcp = rows.get("dcp.async_save")
+    report = {
+        "benchmark": "bench_ranks",
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "world_size": args.world,
+        "mib_per_rank": args.mib,
+        "snapshots": args.snapshots,
+        "memcpy_s": memcpy,
+        "contenders": rows,
+        "targets": {
+            "lost_le_1.3x_memcpy": rows["snapwriter"]["lost_vs_memcpy"] <= 1.3
+            if "snapwriter" in rows else None,
+            "complete_le_dcp": rows["snapwriter"]["complete_median_s"]
+            <= dcp["complete_median_s"]
+            if "snapwriter" in rows and dcp is not None else None,
+        },
+    }
+    print(f"world size {args.world}, {args.mib} MiB per rank, median of {args.snapshots}; "
+          f"one memcpy of a shard: {memcpy * 1e3:.1f} ms")
+    print(f"{'contender':<18} {'lost ms':>9} {'x memcpy':>9} {'complete ms':>12}")
+    for name, row in rows.items():
+        print(f"{name:<18} {row['lost_median_s'] * 1e3:>9.1f} {row['lost_vs_memcpy']:>9.2f} "
+              f"{row['complete_median_s'] * 1e3:>12.1f}")
+    print(f"targets: {report['targets']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
