@@ -92,7 +92,9 @@ def _run_snapwriter(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
     return times
 
 
-def _ppe_protocol(writer_factory: Callable[[], Any], out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+def _ppe_protocol(
+    writer_factory: Callable[[], Any], out: Path, state: Any, n: int
+) -> list[tuple[float, float]]:
     """ppe's ``_ShardedSnapshot._make_snapshot``, step by step, with a fresh writer per
     snapshot so that ``finalize()`` marks the set's completion."""
     rank = dist.get_rank()
@@ -231,8 +233,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "bench_ranks",
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "world_size": args.world,
         "mib_per_rank": args.mib,
         "snapshots": args.snapshots,
@@ -240,18 +245,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "contenders": rows,
         "targets": {
             "lost_le_1.3x_memcpy": rows["snapwriter"]["lost_vs_memcpy"] <= 1.3
-            if "snapwriter" in rows else None,
-            "complete_le_dcp": rows["snapwriter"]["complete_median_s"]
-            <= dcp["complete_median_s"]
-            if "snapwriter" in rows and dcp is not None else None,
+            if "snapwriter" in rows
+            else None,
+            "complete_le_dcp": rows["snapwriter"]["complete_median_s"] <= dcp["complete_median_s"]
+            if "snapwriter" in rows and dcp is not None
+            else None,
         },
     }
-    print(f"world size {args.world}, {args.mib} MiB per rank, median of {args.snapshots}; "
-          f"one memcpy of a shard: {memcpy * 1e3:.1f} ms")
+    print(
+        f"world size {args.world}, {args.mib} MiB per rank, median of {args.snapshots}; "
+        f"one memcpy of a shard: {memcpy * 1e3:.1f} ms"
+    )
     print(f"{'contender':<18} {'lost ms':>9} {'x memcpy':>9} {'complete ms':>12}")
     for name, row in rows.items():
-        print(f"{name:<18} {row['lost_median_s'] * 1e3:>9.1f} {row['lost_vs_memcpy']:>9.2f} "
-              f"{row['complete_median_s'] * 1e3:>12.1f}")
+        print(
+            f"{name:<18} {row['lost_median_s'] * 1e3:>9.1f} {row['lost_vs_memcpy']:>9.2f} "
+            f"{row['complete_median_s'] * 1e3:>12.1f}"
+        )
     print(f"targets: {report['targets']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
