@@ -51,7 +51,9 @@ N_TENSORS = 8
 def _shard(mib: int, rank: int) -> dict[str, torch.Tensor]:
     numel = max(1, mib * (1 << 20) // 4 // N_TENSORS)
     g = torch.Generator().manual_seed(rank)
-    return {f"layer{i}": torch.randn(numel, generator=g) for i in range(N_TENSORS)}
+    # Keys differ per rank: DCP would otherwise take same-named plain tensors for
+    # replicated ones and write them once for all ranks (half the bytes).
+    return {f"rank{rank}.layer{i}": torch.randn(numel, generator=g) for i in range(N_TENSORS)}
 
 
 def _memcpy_seconds(state: dict[str, torch.Tensor], reps: int = 3) -> float:

@@ -66,6 +66,7 @@ __all__ = (
     "SET_TIMEOUT_ENV",
     "SetRole",
     "native_role",
+    "is_marker_call",
     "private_store",
     "role_for",
     "set_timeout",
@@ -163,17 +164,17 @@ class _Keys:
 
 
 _generations_lock = threading.Lock()
-_generations: dict[tuple[str, str, str], int] = {}
+_generations: dict[tuple[str, str, str, int], int] = {}
 
 
-def _next_generation(kind: str, out_dir: str, set_rel: str) -> int:
+def _next_generation(kind: str, out_dir: str, set_rel: str, rank: int) -> int:
     """How many calls of ``kind`` this process made for this set before (in call order).
 
     Every rank makes the same calls in the same order, so the n-th save of a set
     directory pairs up across ranks even when a directory is saved twice (ppe's
     ``snapshot_on_error`` at the iteration of a regular snapshot).
     """
-    key = (kind, os.path.normpath(out_dir), set_rel)
+    key = (kind, os.path.normpath(out_dir), set_rel, rank)  # ranks may share a process
     with _generations_lock:
         n = _generations.get(key, 0)
         _generations[key] = n + 1
@@ -413,6 +414,12 @@ class SetRole:
         try:
             while not await _store_call(self.store.check, [self.keys.done]):
                 if time.monotonic() >= deadline:
+                    # the marker may be on disk with the outcome unpublished (the
+                    # leader died right after writing it): the disk decides
+                    on_disk = await anyio.to_thread.run_sync(self._committed_on_disk, since)
+                    if on_disk is not None:
+                        self.manifest = on_disk
+                        return on_disk
                     _records, missing, failed = await self._read_members()
                     if not missing and not failed:
                         who = "the rank writing it"
@@ -533,7 +540,7 @@ def make_role(
     """The role of one call, in call order (its generation pairs it up across ranks)."""
     dest = job.request.dest
     set_rel = os.path.dirname(dest.relpath)
-    generation = _next_generation(kind, dest.out_dir, set_rel)
+    generation = _next_generation(kind, dest.out_dir, set_rel, rank)
     out = os.path.normpath(dest.out_dir)
     prefix = f"{_KEY_ROOT}/{namespace}{out}/{set_rel}/{generation}"
     return SetRole(
@@ -568,6 +575,20 @@ def _ppe_sharded_caller() -> Any:
             return owner
         frame = frame.f_back
     return None
+
+
+def is_marker_call(request: Any) -> bool:
+    """Whether a call is ppe's SHARDED ``<dir>/complete`` call (checked before admission:
+    the marker stages nothing, so it does not take one of the ``max_pending`` slots,
+    which would hold the training loop until this rank's own member is written)."""
+    if native_role.get() is not None or request.append:
+        return False
+    if os.environ.get(RANK_SETS_ENV, "1") in ("0", "off", "false"):
+        return False
+    if request.dest.basename != MARKER_NAME or request.target != {}:
+        return False
+    extension = _ppe_sharded_caller()
+    return extension is not None and int(getattr(extension, "_size", 0)) >= 2
 
 
 def role_for(writer: Any, job: Any) -> SetRole | None:

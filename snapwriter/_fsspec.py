@@ -276,10 +276,20 @@ class FsspecFileSystem:
         base = self._strip(root).rstrip("/")
         if recursive:
             entries = fs.find(root, withdirs=True, detail=False)
+            names = list(self._relative(entries, base))
+            # Rank sets whose marker is missing are hidden (see snapwriter._manifest).
+            from ._manifest import hide_incomplete_set_names
+
+            yield from hide_incomplete_set_names(names)
+            return
         else:
             entries = fs.ls(root, detail=False)
             if [str(e).rstrip("/") for e in entries] == [base] and not fs.isdir(root):
                 raise NotADirectoryError(root)
+        yield from self._relative(entries, base)
+
+    @staticmethod
+    def _relative(entries: Any, base: str) -> Iterator[str]:
         for entry in sorted(str(e).rstrip("/") for e in entries):
             if not base:
                 name = entry.lstrip("/")

@@ -44,6 +44,7 @@ __all__ = (
     "SetStatus",
     "file_digest",
     "hide_incomplete_sets",
+    "hide_incomplete_set_names",
     "is_member_name",
     "read_manifest",
     "set_status",
@@ -273,3 +274,20 @@ def hide_incomplete_sets(
             continue
         for name in sorted(dirnames) + sorted(filenames):
             yield name if rel == "." else os.path.join(rel, name)
+
+
+def hide_incomplete_set_names(names: Iterable[str]) -> list[str]:
+    """:func:`hide_incomplete_sets` for a ready-made recursive listing (relative names,
+    ``/``-separated, directories included), such as an object store's."""
+    names = list(names)
+    present = set(names)
+    hidden = [
+        name[: -len(TAG_NAME)]
+        for name in names
+        if posixpath.basename(name) == TAG_NAME
+        and name != TAG_NAME
+        and name[: -len(TAG_NAME)] + MARKER_NAME not in present
+    ]
+    if not hidden:
+        return names
+    return [n for n in names if not any(n.startswith(prefix) for prefix in hidden)]

@@ -20,12 +20,26 @@ import sniffio
 import torch
 
 from ._base import SaveFun, Writer, _Job, worker_filename
+from ._coordination import is_marker_call
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBusyError
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
 
 __all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
+
+
+class _NoRoom:
+    """Admission for calls that hold no staged copy (ppe's rank-set marker)."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+_NO_ROOM = _NoRoom()
 
 
 def _check_max_pending(value: Any) -> int:
@@ -176,7 +190,11 @@ class StandardWriter(Writer):
             raise InvalidSnapshotArgument(f"stage must be a bool, not {stage!r}")
         if self._portal.in_loop_thread():
             raise RuntimeError("a writer cannot be called from its own loop thread")
-        self._take_room(request.dest.path)
+        room: threading.Semaphore | _NoRoom = self._room
+        if is_marker_call(request):  # ppe's rank-set marker: an empty dict, see there
+            room, do_stage = _NO_ROOM, False
+        else:
+            self._take_room(request.dest.path)
         staged = None
         try:
             self._check_open()
@@ -193,11 +211,11 @@ class StandardWriter(Writer):
                 called_at=start,
                 out_dir=self._check_call_out_dir(out_dir),
             )
-            return self._submit(job, on_done=self._room.release)
+            return self._submit(job, on_done=room.release)
         except BaseException:
             if staged is not None:
                 self._stager.release(staged)
-            self._room.release()
+            room.release()
             raise
 
     def _take_room(self, path: str) -> None:

@@ -79,6 +79,14 @@ def _train_ppe(ctx: RankContext, extra: dict[str, Any]) -> dict[str, Any]:
                 optimizer.step()
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, snapwriter.IncompleteSetError):
+            # a set's failure reaches the next call first (then finalize() does not
+            # repeat it): report it like finalize's
+            error = {
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "missing": list(exc.missing_ranks),
+            }
     final_error = None
     try:
         writer.finalize()
