@@ -6,14 +6,14 @@ one run:
 
 * ``snapwriter``: :class:`snapwriter.RankSetWriter` over a ``ThreadWriter`` (staged
   call; the handle completes when every rank's file and the marker are durable);
-* ``snapwriter+ppe``: ppe's SHARDED protocol (each rank's ``<dir>/<rank>``, barrier,
-  saver's ``<dir>/complete``) with a snapwriter ``ThreadWriter``;
-* ``ppe.ThreadWriter``: the same protocol with ppe's own ``ThreadWriter``;
+* ``snapwriter+ppe``: ppe's own SHARDED extension (each rank's ``<dir>/<rank>``,
+  barrier, saver's ``<dir>/complete``) with a snapwriter ``ThreadWriter``;
+* ``ppe.ThreadWriter``: the same extension with ppe's own ``ThreadWriter``;
 * ``dcp.async_save``: ``torch.distributed.checkpoint.async_save``.
 
 *lost* is how long the training loop is held by a snapshot (the call(s), ppe's barrier
 included); *complete* is from the start of the snapshot until the set is durable on
-every rank (for the ppe protocol: every rank's writer finalized, then a barrier). The
+every rank (ppe's ThreadWriter: every rank's writer finalized, then a barrier). The
 reference is one ``memcpy`` of a rank's shard (``copy_`` into a warm buffer). Medians over
 ``--snapshots`` snapshots after one warm-up. Prints a table and writes JSON.
 
@@ -94,39 +94,69 @@ def _run_snapwriter(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
     return times
 
 
-def _ppe_protocol(
-    writer_factory: Callable[[], Any], out: Path, state: Any, n: int
-) -> list[tuple[float, float]]:
-    """ppe's ``_ShardedSnapshot._make_snapshot``, step by step, with a fresh writer per
-    snapshot so that ``finalize()`` marks the set's completion."""
-    rank = dist.get_rank()
-    times = []
-    for i in range(n):
-        writer = writer_factory()
-        dist.barrier()
-        t0 = time.perf_counter()
-        writer(os.path.join(f"step_{i}", str(rank)), str(out), state)
-        dist.barrier()
-        if rank == 0:
-            writer(os.path.join(f"step_{i}", "complete"), "", {})
-        lost = time.perf_counter() - t0
-        _mutate(state)
-        writer.finalize()
-        dist.barrier()
-        times.append((lost, time.perf_counter() - t0))
-    return times
+class _Target:
+    """What ppe's extension snapshots: an object with ``state_dict()``."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+
+def _ppe_sharded(writer: Any, out: Path, state: Any, i: int) -> float:
+    """One snapshot through ppe's real SHARDED extension; returns the time it held."""
+    from types import SimpleNamespace
+
+    from pytorch_pfn_extras.training.extensions import SnapshotMode, snapshot
+
+    ext = snapshot(
+        writer=writer,
+        target=_Target(state),
+        filename="step_{.iteration}",
+        snapshot_mode=SnapshotMode.SHARDED,
+        saver_rank=0,
+    )
+    manager = SimpleNamespace(iteration=i, out=str(out), writer=writer)
+    t0 = time.perf_counter()
+    ext._make_snapshot(manager)  # <dir>/<rank>, barrier, saver's <dir>/complete
+    return time.perf_counter() - t0
 
 
 def _run_snapwriter_ppe(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
+    from concurrent.futures import wait
+
     import snapwriter
 
-    return _ppe_protocol(lambda: snapwriter.ThreadWriter(out_dir=str(out)), out, state, n)
+    writer = snapwriter.ThreadWriter(out_dir=str(out))
+    times = []
+    for i in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        lost = _ppe_sharded(writer, out, state, i)
+        _mutate(state)
+        while writer.pending():  # benchmark-only peek: every save and set watch finished
+            wait(list(writer._pending))
+        dist.barrier()
+        times.append((lost, time.perf_counter() - t0))
+    writer.finalize()
+    return times
 
 
 def _run_ppe(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
     from pytorch_pfn_extras import writing
 
-    return _ppe_protocol(lambda: writing.ThreadWriter(out_dir=str(out)), out, state, n)
+    times = []
+    for i in range(n):
+        writer = writing.ThreadWriter(out_dir=str(out))  # finalize() is its only "done"
+        dist.barrier()
+        t0 = time.perf_counter()
+        lost = _ppe_sharded(writer, out, state, i)
+        _mutate(state)
+        writer.finalize()
+        dist.barrier()
+        times.append((lost, time.perf_counter() - t0))
+    return times
 
 
 def _run_dcp(out: Path, state: Any, n: int) -> list[tuple[float, float]]:
