@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -200,6 +201,91 @@ def _store_down(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, OSError, ConnectionError))
 
 
+# -- hashing while writing --------------------------------------------------------------
+
+
+class _HashingFile:
+    """The file object a member's ``savefun`` gets: hashes what goes through ``write``.
+
+    A ``seek`` or ``truncate`` invalidates the hash; so does any byte written around it
+    (``fileno()``): the caller compares the hashed length with the committed file's size
+    and reads the file back when they differ.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._hash = hashlib.sha256()
+        self.nbytes = 0
+        self.valid = True
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        view = memoryview(data).cast("B")
+        written = len(view) if n is None else int(n)
+        self._hash.update(view[:written])
+        self.nbytes += written
+        return written
+
+    def seek(self, *args: Any) -> Any:
+        self.valid = False
+        return self._f.seek(*args)
+
+    def truncate(self, *args: Any) -> Any:
+        self.valid = False
+        return self._f.truncate(*args)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+@dataclass
+class _HashingSave:
+    """A member's ``savefun``, computing the SHA-256 on the way (saves a read-back).
+
+    Picklable; in a child process (``ProcessWriter``) the digest stays there and the
+    member is read back instead.
+    """
+
+    savefun: Callable[..., Any]
+    digest: str | None = None
+    nbytes: int = -1
+
+    def __call__(self, target: Any, f: Any, **kwds: Any) -> None:
+        hashing = _HashingFile(f)
+        self.savefun(target, hashing, **kwds)
+        if hashing.valid:
+            self.digest, self.nbytes = hashing.hexdigest(), hashing.nbytes
+
+
+def _hash_while_writing(request: Any) -> _HashingSave | None:
+    if request.append:
+        return None
+    import torch
+
+    from ._fastsave import fast_torch_save
+
+    savefun = request.savefun
+    if savefun is torch.save and not request.kwds:
+        savefun = fast_torch_save  # what the save would have used (see _save.execute_save)
+    hashing = _HashingSave(savefun)
+    request.savefun = hashing
+    return hashing
+
+
+def _member_digest(fs: Any, path: str, hashing: _HashingSave | None) -> tuple[int, str]:
+    if hashing is not None and hashing.digest is not None:
+        try:
+            size = int(fs.stat(path).size)
+        except Exception:
+            size = -1
+        if size == hashing.nbytes:
+            return size, hashing.digest
+    return file_digest(fs, path)
+
+
 # -- roles ----------------------------------------------------------------------------
 
 _Plain = Callable[[Any], Awaitable[Any]]
@@ -251,13 +337,14 @@ class SetRole:
         except Exception as exc:
             await self._publish_failure(f"rank {self.rank}: cannot create the set directory: {exc}")
             raise self._recorded(writer, path, exc) from exc
+        hashing = _hash_while_writing(job.request)
         try:
             result = await plain(job)
         except BaseException as exc:
             await self._publish_failure(f"rank {self.rank}: {type(exc).__name__}: {exc}")
             raise
         try:
-            size, digest = await anyio.to_thread.run_sync(file_digest, self.fs, path)
+            size, digest = await anyio.to_thread.run_sync(_member_digest, self.fs, path, hashing)
             record = MemberRecord(self.rank, os.path.basename(path), size, digest)
             await self._publish_member(record)
         except Exception as exc:

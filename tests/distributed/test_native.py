@@ -132,7 +132,12 @@ def _shared_dir(ctx: RankContext) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     if ctx.rank == 0:
         store.wait(["in_flight"])
-        temps = [n for n in os.listdir(out / "step_1") if snapwriter.is_temp_name(n)]
+        # rank 1's member, held in its savefun (rank 0's own may be in flight too)
+        temps = [
+            n
+            for n in os.listdir(out / "step_1")
+            if snapwriter.is_temp_name(n) and n.startswith(".1.")
+        ]
         # another "host": a fresh writer initialising the shared directory, and the CLI
         snapwriter.ThreadWriter(out_dir=str(out)).initialize(str(out))
         snapwriter.StandardWriter(out_dir=str(out / "step_1")).finalize()
