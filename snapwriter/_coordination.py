@@ -375,6 +375,16 @@ class SetRole:
     async def _run_marker(
         self, writer: Any, job: Any, plain: Callable[[Any], Awaitable[Any]]
     ) -> Any:
+        # Markers commit in call order: set N+1's manifest never lands before set N's
+        # marker (a crash then would lose set N although every member of it is durable).
+        # Tasks start in call order and take the lock before their first await.
+        lock = writer.__dict__.setdefault("_snapwriter_marker_lock", anyio.Lock())
+        async with lock:
+            return await self._run_marker_in_order(writer, job, plain)
+
+    async def _run_marker_in_order(
+        self, writer: Any, job: Any, plain: Callable[[Any], Awaitable[Any]]
+    ) -> Any:
         try:
             await self._commit_set(write_marker=False)
         except Exception as exc:
@@ -407,8 +417,15 @@ class SetRole:
         self.manifest = SetManifest(self.world_size, tuple(records))
         manifest_path = os.path.join(self.set_dir, MANIFEST_NAME)
         try:
+            # One directory fsync for both when the marker follows (its own fsync makes
+            # the manifest's rename durable too; members are durable already).
             await anyio.to_thread.run_sync(
-                _write_manifest, self.fs, manifest_path, self.manifest.to_json(), self.durable
+                _write_manifest,
+                self.fs,
+                manifest_path,
+                self.manifest.to_json(),
+                self.durable,
+                not write_marker,
             )
             if write_marker:
                 await anyio.to_thread.run_sync(_write_marker, self.fs, self.set_dir, self.durable)
@@ -589,8 +606,8 @@ def _write_tag(fs: Any, set_dir: str, durable: bool) -> None:
     write_tag(fs, set_dir, durable=durable)
 
 
-def _write_manifest(fs: Any, path: str, data: bytes, durable: bool) -> None:
-    write_json_atomic(fs, path, data, durable=durable)
+def _write_manifest(fs: Any, path: str, data: bytes, durable: bool, sync_dir: bool) -> None:
+    write_json_atomic(fs, path, data, durable=durable, sync_dir=sync_dir)
 
 
 def _marker_bytes() -> bytes:

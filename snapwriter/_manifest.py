@@ -223,24 +223,26 @@ def _fsync_dir_if_local(fs: Any, directory: str, durable: bool) -> None:
 
 
 def write_tag(fs: Any, directory: str, *, durable: bool = True) -> None:
-    """Create ``directory`` and its tag, durably, before a member is written into it.
+    """Create ``directory`` and its tag before a member is written into it.
 
-    Idempotent: every member writes it; an existing tag is kept.
+    Idempotent: every member writes it; an existing tag is kept. Not fsynced on its own:
+    the member's commit fsyncs this same directory afterwards, which makes the tag's
+    entry durable no later than the member's (only its existence matters).
     """
+    del durable
     fs.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, TAG_NAME)
     if fs.exists(path):
         return
     with fs.open(path, "wb") as f:
         f.write(b"snapwriter rank set\n")
-        f.flush()
-        if durable and isinstance(fs, LocalFileSystem):
-            os.fsync(f.fileno())
-    _fsync_dir_if_local(fs, directory, durable)
 
 
-def write_json_atomic(fs: Any, path: str, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync dir."""
+def write_json_atomic(
+    fs: Any, path: str, data: bytes, *, durable: bool = True, sync_dir: bool = True
+) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync dir
+    (``sync_dir=False`` leaves the directory fsync to a later write in it)."""
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, temp_name_for(os.path.basename(path)))
     try:
@@ -254,7 +256,8 @@ def write_json_atomic(fs: Any, path: str, data: bytes, *, durable: bool = True) 
         with contextlib.suppress(Exception):  # already gone: the original error says enough
             fs.remove(tmp)
         raise
-    _fsync_dir_if_local(fs, directory, durable)
+    if sync_dir:
+        _fsync_dir_if_local(fs, directory, durable)
 
 
 def hide_incomplete_sets(

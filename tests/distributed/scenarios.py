@@ -158,10 +158,10 @@ def arm_fault(point: str, where: str) -> None:
     elif point == "before_marker":
         write = _coordination._write_manifest
 
-        def no_manifest(fs: Any, path: str, data: bytes, durable: bool) -> None:
+        def no_manifest(fs: Any, path: str, *args: Any) -> None:
             if hit(path):
                 kill_self()
-            write(fs, path, data, durable)
+            write(fs, path, *args)
 
         _coordination._write_manifest = no_manifest
     else:  # pragma: no cover
