@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dcp = rows.get("dcp.async_save")
     report = {
         "benchmark": "bench_ranks",
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -29,7 +29,7 @@ from ._discovery import natural_key
 from ._exceptions import InvalidSnapshotArgument
 from ._handle import SnapshotHandle, SnapshotResult
 from ._manifest import MARKER_NAME, SetManifest, set_status
-from ._retention import check_keep_last, default_pattern
+from ._retention import check_keep_last, matcher
 
 __all__ = ("RankSetHandle", "RankSetResult", "RankSetWriter", "load_rank_shard")
 
@@ -248,8 +248,8 @@ class RankSetWriter:
                 sets.append((status.mtime, natural_key(name), name, path))
         sets.sort()
         if self.keep_pattern is None and sets:
-            pattern = default_pattern(sets[-1][2])
-            sets = [s for s in sets if fnmatch.fnmatchcase(s[2], pattern)]
+            same_shape = matcher(None, sets[-1][2])  # the writers' own default: anchored
+            sets = [s for s in sets if same_shape(s[2])]
         for _mtime, _key, _name, path in sets[: max(0, len(sets) - keep_last)]:
             with contextlib.suppress(FileNotFoundError):
                 fs.remove(os.path.join(path, MARKER_NAME))  # incomplete first, never torn
