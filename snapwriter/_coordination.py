@@ -49,6 +49,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._compat import register_at_fork
 from ._exceptions import IncompleteSetError, SnapshotWriteError
 from ._manifest import (
     MANIFEST_NAME,
@@ -189,7 +190,7 @@ def _after_fork() -> None:
     _private.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+register_at_fork(after_in_child=_after_fork)
 
 
 async def _store_call(fn: Callable[..., Any], *args: Any) -> Any:
