@@ -40,7 +40,7 @@ from typing import IO, Any
 import torch
 import torch.serialization
 
-from ._pool import device_tag_of
+from ._pool import _tags as _device_tags
 from ._tensorstate import metadata_of
 
 __all__ = ("fast_torch_save",)
@@ -71,38 +71,55 @@ class _StorageRef:
         self.numel = numel
 
 
-#: Tensors pickled between two voluntary releases of the GIL (see ``reducer_override``).
-_YIELD_EVERY = 16
+#: Every this many tensors, the pickler hands the GIL over if it held it this long
+#: (``time.sleep(0)`` costs ~0.1 ms on some machines: not after every few tensors).
+_CHECK_EVERY = 16
+_YIELD_SECONDS = 0.001
+
+
+class _EmptyHooks:
+    """Pickles as ``collections.OrderedDict()``, the empty hook table torch.save writes
+    per tensor, without OrderedDict's own (slower) reduction. One per tensor, as
+    torch.save makes one per tensor: a shared one would be memoised, changing bytes."""
+
+    __slots__ = ()
+
+
+_EMPTY_HOOKS_REDUCED = (collections.OrderedDict, ())
 
 
 class _Pickler(pickle.Pickler):
     def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file, protocol=_PROTOCOL)
         self._count = 0
+        self._yielded = time.perf_counter()
         self.storages: dict[str, torch.UntypedStorage] = {}
         self._refs: dict[int, tuple[_StorageRef, torch.dtype]] = {}
         self._dtypes: dict[int, torch.dtype] = {}  # by data pointer, as torch.save checks
 
     def persistent_id(self, obj: Any) -> Any:
+        # called for every object pickled: keep it to one type check
         if type(obj) is _StorageRef:
             # a new tuple per reference, as torch.save makes: pickle memoises tuples, so
             # handing back one shared tuple would change the bytes of data.pkl
             return ("storage", obj.storage_type, obj.key, obj.location, obj.numel)
-        if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
-            raise _Fallback("raw storage")
         return None
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
         if cls is torch.Tensor:
             return self._reduce_tensor(obj)
+        if cls is _EmptyHooks:
+            return _EMPTY_HOOKS_REDUCED
+        if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            raise _Fallback("raw storage")
         if cls is torch.nn.Parameter:
             # Parameter.__reduce_ex__ of a Parameter with no Python state
             if obj.__dict__:
                 raise _Fallback("parameter with attributes")
             return (
                 _REBUILD_PARAMETER,
-                (obj.data, obj.requires_grad, collections.OrderedDict()),
+                (obj.data, obj.requires_grad, _EmptyHooks()),
             )
         if isinstance(obj, torch.Tensor):
             raise _Fallback("tensor subclass")
@@ -120,18 +137,21 @@ class _Pickler(pickle.Pickler):
         ):
             raise _Fallback("tensor that torch.save treats specially")
         self._count += 1
-        if self._count % _YIELD_EVERY == 0:
-            # Pickling runs under the GIL. Left alone, this thread keeps it for whole
-            # switch intervals (5 ms) and a training loop that releases it in every
-            # torch op waits that long each time; a short sleep hands it over now.
-            time.sleep(0)
+        if self._count % _CHECK_EVERY == 0:
+            now = time.perf_counter()
+            if now - self._yielded >= _YIELD_SECONDS:
+                # Pickling runs under the GIL. Left alone, this thread keeps it for
+                # whole switch intervals (5 ms) and a training loop that releases it in
+                # every torch op waits that long each time; a short sleep hands it over.
+                time.sleep(0)
+                self._yielded = time.perf_counter()
         args: tuple[Any, ...] = (
             self._ref(t),
             t.storage_offset(),
             tuple(t.size()),
             t.stride(),
             t.requires_grad,
-            collections.OrderedDict(),  # backward hooks: never saved, as torch.save does
+            _EmptyHooks(),  # backward hooks: never saved, as torch.save does
         )
         metadata = metadata_of(t)
         if metadata:
@@ -140,7 +160,8 @@ class _Pickler(pickle.Pickler):
 
     def _ref(self, t: torch.Tensor) -> _StorageRef:
         storage = t.untyped_storage()
-        known = self._refs.get(storage._cdata)
+        cdata = storage._cdata
+        known = self._refs.get(cdata)
         if known is not None:
             ref, dtype = known
             if dtype is not t.dtype:
@@ -152,10 +173,10 @@ class _Pickler(pickle.Pickler):
             if seen is not t.dtype:
                 raise _Fallback("views of one memory with different dtypes")
         key = str(len(self._refs))
-        location = device_tag_of(storage) or _CPU
+        location = (_device_tags.get(cdata) if _device_tags else None) or _CPU
         numel = storage.nbytes() // t.element_size()
         ref = _StorageRef(_STORAGE_TYPES[t.dtype], key, location, numel)
-        self._refs[storage._cdata] = (ref, t.dtype)
+        self._refs[cdata] = (ref, t.dtype)
         self.storages[key] = storage
         return ref
 
