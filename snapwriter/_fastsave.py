@@ -40,7 +40,7 @@ from typing import IO, Any
 import torch
 import torch.serialization
 
-from ._pool import _tags as _device_tags
+from ._pool import staged_device
 from ._tensorstate import metadata_of
 
 __all__ = ("fast_torch_save",)
@@ -173,7 +173,7 @@ class _Pickler(pickle.Pickler):
             if seen is not t.dtype:
                 raise _Fallback("views of one memory with different dtypes")
         key = str(len(self._refs))
-        location = (_device_tags.get(cdata) if _device_tags else None) or _CPU
+        location = staged_device(cdata) or _CPU
         numel = storage.nbytes() // t.element_size()
         ref = _StorageRef(_STORAGE_TYPES[t.dtype], key, location, numel)
         self._refs[cdata] = (ref, t.dtype)

@@ -24,10 +24,22 @@ from typing import Any
 import torch
 import torch.serialization
 
-__all__ = ("Arena", "StagedStorage", "device_tag_of", "device_tags")
+__all__ = (
+    "Arena",
+    "StagedStorage",
+    "bytes_of",
+    "device_tag_of",
+    "device_tags",
+    "staged_device",
+)
 
 _Key = tuple[int, bool]  # (nbytes, pinned)
 _Geometry = tuple[torch.dtype, Any, torch.Size, tuple[int, ...]]  # dtype, offset, size, stride
+
+
+def bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole of ``storage`` (on its device)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 class StagedStorage:
@@ -39,13 +51,9 @@ class StagedStorage:
         raw: a flat ``uint8`` tensor over all of it (the destination of byte copies).
         view, view_geometry, view_generation: the last plain tensor built over it, its
             (dtype, offset, size, stride) and the staging call that last handed it out.
-        dense, dense_shape: a contiguous tensor over all of it (the destination of a
-            typed copy) and its (dtype, size).
     """
 
     __slots__ = (
-        "dense",
-        "dense_shape",
         "nbytes",
         "raw",
         "storage",
@@ -57,25 +65,15 @@ class StagedStorage:
     def __init__(self, storage: torch.UntypedStorage, nbytes: int) -> None:
         self.storage = storage
         self.nbytes = nbytes
-        self.raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self.raw = bytes_of(storage)
         self.view: torch.Tensor | None = None
         self.view_geometry: _Geometry | None = None
         self.view_generation = 0
-        self.dense: torch.Tensor | None = None
-        self.dense_shape: tuple[torch.dtype, torch.Size] | None = None
 
     def new_view(self, geometry: _Geometry) -> torch.Tensor:
         """A new plain tensor over the storage with ``geometry``."""
         dtype, offset, size, stride = geometry
         return torch.empty(0, dtype=dtype).set_(self.storage, offset, size, stride)
-
-    def dense_as(self, dtype: torch.dtype, size: torch.Size) -> torch.Tensor:
-        """A contiguous ``dtype`` tensor of ``size`` over the whole storage."""
-        shape = (dtype, size)
-        if self.dense is None or self.dense_shape != shape:
-            self.dense = self.raw.view(dtype).view(size)
-            self.dense_shape = shape
-        return self.dense
 
 
 class Arena:
@@ -132,10 +130,16 @@ _tags: dict[int, str] = {}
 _tags_lock = threading.Lock()
 
 
+def staged_device(cdata: int) -> str | None:
+    """The source device (``"cuda:0"``...) of the staged storage ``cdata`` (a storage's
+    ``_cdata``) while it is being written, or None for any other storage."""
+    return _tags.get(cdata) if _tags else None
+
+
 def device_tag_of(storage: Any) -> str | None:
-    """The source device (``"cuda:0"``...) of a staged storage, or None for any other."""
+    """torch.serialization tagger: :func:`staged_device` of a (typed or untyped) storage."""
     untyped = getattr(storage, "_untyped_storage", storage)
-    return _tags.get(untyped._cdata)
+    return staged_device(untyped._cdata)
 
 
 def _no_restore(obj: Any, location: str) -> None:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from ._exceptions import StagingError
-from ._pool import Arena, StagedStorage
+from ._pool import Arena, StagedStorage, bytes_of
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of
 
 try:  # NumPy is optional.
@@ -272,11 +272,6 @@ class Stager:
         return event
 
 
-def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
-    """A flat uint8 tensor over the whole of ``storage``."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
 _MISSING = object()
 
 
@@ -305,6 +300,8 @@ class _Walk:
             dict: self._dict,
             list: self._list,
             tuple: self._tuple,
+            set: self._set,
+            frozenset: self._set,
             torch.Tensor: self._tensor,
             torch.nn.Parameter: self._tensor,
         }
@@ -369,6 +366,19 @@ class _Walk:
         if all(a is b for a, b in zip(items, obj, strict=True)):
             return obj
         out = tuple(items)
+        self._remember(obj, out)
+        return out
+
+    def _set(self, obj: set[Any] | frozenset[Any]) -> set[Any] | frozenset[Any]:
+        """A set: ``copy()`` of it (a frozenset: itself) when its items are unchanged by
+        staging, which keeps its hash table and so the order pickle writes the items in;
+        otherwise rebuilt from the staged items."""
+        items = [self.stage(v) for v in obj]
+        out: set[Any] | frozenset[Any]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            out = obj if type(obj) is frozenset else obj.copy()
+        else:
+            out = type(obj)(items)
         self._remember(obj, out)
         return out
 
@@ -530,7 +540,7 @@ class _Walk:
         ):
             self.copies.append((out, t, on_cuda))
         else:
-            self.copies.append((slot.raw, _bytes_of(source), on_cuda))
+            self.copies.append((slot.raw, bytes_of(source), on_cuda))
         if on_cuda:
             self.device_tags.append((slot.storage, f"cuda:{t.device.index or 0}"))
 
