@@ -35,6 +35,7 @@ import io
 import pickle
 import sys
 import time
+from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
@@ -43,7 +44,7 @@ import torch.serialization
 from ._pool import staged_device
 from ._tensorstate import metadata_of
 
-__all__ = ("fast_torch_save",)
+__all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive")
 
 _PROTOCOL = 2  # torch.save's default
 _STORAGE_TYPES: dict[torch.dtype, Any] = {
@@ -181,24 +182,41 @@ class _Pickler(pickle.Pickler):
         return ref
 
 
-def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
-    """Save ``obj`` to the binary file ``f``: the same bytes ``torch.save(obj, f)`` writes.
+@dataclass(frozen=True)
+class Pickled:
+    """An object graph as torch.save lays it out: ``data.pkl`` and its storage records.
 
-    See the module docstring for what takes the fast path and what falls back to
-    ``torch.save``. Threading: safe to call from any thread; holds the GIL while
-    pickling (handing it over every few tensors), not while copying storage bytes.
+    Attributes:
+        data: the bytes of the ``data.pkl`` record.
+        storages: ``(key, storage)`` for every ``data/<key>`` record, in file order.
+    """
 
-    Raises:
-        Whatever ``torch.save`` raises for ``obj`` (the fallback runs it).
+    data: bytes
+    storages: list[tuple[str, torch.UntypedStorage]]
+
+
+def pickle_state(obj: Any) -> Pickled | None:
+    """Pickle ``obj`` as torch.save does, or ``None`` when only torch.save can.
+
+    ``None`` for anything outside the fast path (see the module docstring). Holds the
+    GIL while it runs (handing it over every few milliseconds).
     """
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     try:
         pickler.dump(obj)
     except _Fallback:
-        torch.save(obj, f)
-        return
-    data = buffer.getvalue()
+        return None
+    return Pickled(buffer.getvalue(), list(pickler.storages.items()))
+
+
+def write_archive(f: IO[bytes], pickled: Pickled) -> None:
+    """Write the zip archive torch.save writes for ``pickled`` into the binary file ``f``.
+
+    Records in torch.save's order, through torch's own zip writer (storage bytes are
+    copied and checksummed without holding the GIL).
+    """
+    data = pickled.data
     alignment = str(torch.serialization._get_storage_alignment())
     writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), int(alignment))
     try:
@@ -209,8 +227,7 @@ def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
             ("byteorder", sys.byteorder),
         ):
             writer.write_record(name, text.encode(), len(text))
-        for key, storage in pickler.storages.items():
-            # the Storage overload copies and computes the CRC without holding the GIL
+        for key, storage in pickled.storages:
             writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
         writer.write_end_of_file()
     except BaseException:
@@ -221,3 +238,20 @@ def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
             writer.write_end_of_file()
         raise
     f.flush()
+
+
+def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
+    """Save ``obj`` to the binary file ``f``: the same bytes ``torch.save(obj, f)`` writes.
+
+    See the module docstring for what takes the fast path and what falls back to
+    ``torch.save``. Threading: safe to call from any thread; holds the GIL while
+    pickling (handing it over every few tensors), not while copying storage bytes.
+
+    Raises:
+        Whatever ``torch.save`` raises for ``obj`` (the fallback runs it).
+    """
+    pickled = pickle_state(obj)
+    if pickled is None:
+        torch.save(obj, f)
+        return
+    write_archive(f, pickled)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.serialization
 
 __all__ = (
+    "Allocator",
     "Arena",
     "StagedStorage",
+    "allocate_host",
     "bytes_of",
     "device_tag_of",
     "device_tags",
@@ -76,6 +78,20 @@ class StagedStorage:
         return torch.empty(0, dtype=dtype).set_(self.storage, offset, size, stride)
 
 
+#: Makes one staged storage: ``allocate(nbytes, pinned)``.
+Allocator = Callable[[int, bool], torch.UntypedStorage]
+
+
+def allocate_host(nbytes: int, pinned: bool) -> torch.UntypedStorage:
+    """The default :data:`Allocator`: a private host storage of exactly ``nbytes``.
+
+    Exactly sized: the whole storage is what torch.save writes. Uninitialised is fine:
+    every byte is overwritten by the copy of its source storage. Pinned for CUDA sources.
+    """
+    storage = torch.UntypedStorage(nbytes, device="cpu")  # type: ignore[no-untyped-call]
+    return storage.pin_memory() if pinned else storage
+
+
 class Arena:
     """The staged storages of one pending snapshot, reused by a later one of the same sizes.
 
@@ -87,7 +103,8 @@ class Arena:
         generation: incremented by every staging call that uses the arena.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Allocator | None = None) -> None:
+        self._allocate = allocate or allocate_host
         self._spare: dict[_Key, list[StagedStorage]] = {}
         self._used: dict[_Key, list[StagedStorage]] = {}
         self.allocations = 0
@@ -100,12 +117,7 @@ class Arena:
         if spare:
             staged = spare.pop()
         else:
-            # Exactly sized: the whole storage is what torch.save writes. Uninitialised
-            # is fine: every byte is overwritten by the copy of its source storage.
-            storage = torch.UntypedStorage(nbytes, device="cpu")  # type: ignore[no-untyped-call]
-            if pinned:
-                storage = storage.pin_memory()
-            staged = StagedStorage(storage, nbytes)
+            staged = StagedStorage(self._allocate(nbytes, pinned), nbytes)
             self.allocations += 1
         used = self._used.get(key)
         if used is None:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from ._exceptions import StagingError
-from ._pool import Arena, StagedStorage, bytes_of
+from ._pool import Allocator, Arena, StagedStorage, bytes_of
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of
 
 try:  # NumPy is optional.
@@ -129,12 +129,18 @@ class StagedTarget:
 class Stager:
     """Stages targets into reusable staging storages (one :class:`Arena` per pending save).
 
+    Args:
+        allocate: makes each staged storage (default: private host memory,
+            :func:`~snapwriter._pool.allocate_host`); e.g. shared memory for a saving
+            process.
+
     Attributes:
         allocations: how many staged storages were allocated so far; constant once the
             writer is warm and the layout of what it saves does not change.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Allocator | None = None) -> None:
+        self._allocate = allocate
         self._lock = threading.Lock()
         self._free: list[Arena] = []
         self._streams: dict[torch.device, Any] = {}
@@ -224,7 +230,7 @@ class Stager:
 
     def _take_arena(self) -> Arena:
         with self._lock:
-            return self._free.pop() if self._free else Arena()
+            return self._free.pop() if self._free else Arena(self._allocate)
 
     def _copy(self, copies: list[_Copy]) -> list[Any]:
         """Run the copies the walk planned; return the CUDA events to wait on.
