@@ -51,12 +51,17 @@ class StagedStorage:
         storage: the staged storage (CPU, pinned for CUDA sources).
         nbytes: its size.
         raw: a flat ``uint8`` tensor over all of it (the destination of byte copies).
+        pinned: whether it is page-locked (staged from a CUDA tensor).
+        dense: the geometry of a tensor that covers the storage exactly, as found by
+            the last copy planned into it (such a copy runs as a tensor copy).
         view, view_geometry, view_generation: the last plain tensor built over it, its
             (dtype, offset, size, stride) and the staging call that last handed it out.
     """
 
     __slots__ = (
+        "dense",
         "nbytes",
+        "pinned",
         "raw",
         "storage",
         "view",
@@ -64,9 +69,11 @@ class StagedStorage:
         "view_geometry",
     )
 
-    def __init__(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+    def __init__(self, storage: torch.UntypedStorage, nbytes: int, pinned: bool = False) -> None:
         self.storage = storage
         self.nbytes = nbytes
+        self.pinned = pinned
+        self.dense: _Geometry | None = None
         self.raw = bytes_of(storage)
         self.view: torch.Tensor | None = None
         self.view_geometry: _Geometry | None = None
@@ -105,8 +112,13 @@ class Arena:
 
     def __init__(self, allocate: Allocator | None = None) -> None:
         self._allocate = allocate or allocate_host
-        self._spare: dict[_Key, list[StagedStorage]] = {}
-        self._used: dict[_Key, list[StagedStorage]] = {}
+        # by (nbytes, pinned), then by id: any one is taken in O(1), a given one too
+        self._spare: dict[_Key, dict[int, StagedStorage]] = {}
+        self._used: dict[_Key, dict[int, StagedStorage]] = {}
+        #: source storage (StorageImpl address) -> the staged storage it was copied into
+        #: by the previous staging call: a warm save takes back the same one, with the
+        #: tensors over it that the walk built last time.
+        self.by_source: dict[int, StagedStorage] = {}
         self.allocations = 0
         self.generation = 0
 
@@ -115,25 +127,45 @@ class Arena:
         key = (nbytes, pinned)
         spare = self._spare.get(key)
         if spare:
-            staged = spare.pop()
+            staged = spare.popitem()[1]
         else:
-            staged = StagedStorage(self._allocate(nbytes, pinned), nbytes)
+            staged = StagedStorage(self._allocate(nbytes, pinned), nbytes, pinned)
             self.allocations += 1
-        used = self._used.get(key)
-        if used is None:
-            self._used[key] = [staged]
-        else:
-            used.append(staged)
+        self._use(key, staged)
         return staged
 
-    def finish(self) -> None:
-        """End a staging call: storages it did not take are freed, the rest kept for reuse."""
+    def take_back(self, staged: StagedStorage, pinned: bool) -> bool:
+        """Take ``staged`` (from :attr:`by_source`: the staged storage a source storage
+        was copied into by the previous staging call) again, if it is still free and
+        ``pinned`` as asked. The caller checks its size."""
+        if staged.pinned != pinned:
+            return False
+        key = (staged.nbytes, pinned)
+        spare = self._spare.get(key)
+        if spare is None or spare.pop(id(staged), None) is None:
+            return False
+        self._use(key, staged)
+        return True
+
+    def _use(self, key: _Key, staged: StagedStorage) -> None:
+        used = self._used.get(key)
+        if used is None:
+            self._used[key] = {id(staged): staged}
+        else:
+            used[id(staged)] = staged
+
+    def finish(self, by_source: dict[int, StagedStorage] | None = None) -> None:
+        """End a staging call: storages it did not take are freed, the rest kept for
+        reuse; ``by_source`` (source storage address -> staged storage) is remembered
+        for :meth:`take_back`."""
         self._spare, self._used = self._used, {}
+        self.by_source = by_source if by_source is not None else {}
 
     def clear(self) -> None:
         """Drop every storage (the arena allocates afresh next time)."""
         self._spare.clear()
         self._used.clear()
+        self.by_source = {}
 
 
 # -- device tags of staged storages -------------------------------------------------------

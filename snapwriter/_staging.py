@@ -34,6 +34,7 @@ handed out under a lock; one arena is never used by two pending snapshots.
 
 from __future__ import annotations
 
+import collections
 import copy
 import copyreg
 import gc
@@ -191,7 +192,7 @@ class Stager:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        arena.finish()
+        arena.finish(walk.storages)
         with self._lock:
             self.allocations += arena.allocations - allocated_before
         return StagedTarget(
@@ -298,12 +299,14 @@ class _Walk:
         arena.generation += 1
         self.generation = arena.generation
         self.storages: dict[int, StagedStorage] = {}
+        self.by_source = arena.by_source
         self.copies: list[_Copy] = []
         self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
         self._torch_memo: dict[int, torch.UntypedStorage] = {}
         self.memo["torch"] = self._torch_memo
         self._dispatch: dict[type, Callable[[Any], Any]] = {
             dict: self._dict,
+            collections.OrderedDict: self._ordered_dict,
             list: self._list,
             tuple: self._tuple,
             set: self._set,
@@ -342,6 +345,26 @@ class _Walk:
         """A plain dict: rebuilt key by key (memoised first, so it may contain itself)."""
         out: dict[Any, Any] = {}
         self._remember(obj, out)
+        stage, tensor, memo = self.stage, self._tensor, self.memo
+        for k, v in obj.items():
+            if type(k) not in _ATOMIC:
+                k = stage(k)
+            vcls = type(v)
+            if vcls in _ATOMIC:
+                out[k] = v
+            elif vcls is torch.Tensor and id(v) not in memo:
+                out[k] = tensor(v)
+            else:
+                out[k] = stage(v)
+        return out
+
+    def _ordered_dict(self, obj: collections.OrderedDict[Any, Any]) -> Any:
+        """An OrderedDict (a module's state_dict): what its pickle reduction rebuilds, an
+        empty one with the instance's attributes (``_metadata``) and then the items."""
+        out: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._remember(obj, out)
+        if obj.__dict__:
+            out.__dict__.update(self.stage(obj.__dict__))
         stage, tensor, memo = self.stage, self._tensor, self.memo
         for k, v in obj.items():
             if type(k) not in _ATOMIC:
@@ -469,35 +492,44 @@ class _Walk:
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
         cls = type(t)
-        if (
+        if _dispatch_keys(t) == _PLAIN_CPU_KEYS:
+            # dense strided CPU memory, neither quantized nor nested, no conj/neg bits
+            if cls is torch.Tensor or cls is torch.nn.Parameter:
+                return self._plain_tensor(t, cls, _NO_METADATA)
+            if _plain_subclass(cls) and _has_storage(t):
+                return self._plain_tensor(t, cls, _NO_METADATA)
+        elif (
             t.layout is torch.strided
             and not t.is_quantized
             and not t.is_nested
             and (t.is_cpu or t.is_cuda)
             and (cls is torch.Tensor or (_plain_subclass(cls) and _has_storage(t)))
         ):
-            return self._plain_tensor(t, cls)
+            return self._plain_tensor(t, cls, metadata_of(t))
         if t.is_quantized and cls is torch.Tensor:
             return self._quantized_tensor(t)
         return self._special_tensor(t)
 
-    def _plain_tensor(self, t: torch.Tensor, cls: type) -> torch.Tensor:
+    def _plain_tensor(self, t: torch.Tensor, cls: type, metadata: dict[str, bool]) -> torch.Tensor:
         """Rebuilt over its staged storage with everything ``Tensor.__reduce_ex__`` saves:
         class, storage offset, size, stride, conj/neg bits, requires_grad, Python state.
 
         Written for tens of thousands of tensors: one method, each tensor property read
-        once, and the tensor built over a staged storage by the previous save reused
-        when its geometry is the same.
+        once. Warm (the same source storages as the arena's previous save), a storage
+        takes back its staged storage and the tensor built over it last time, and its
+        copy is planned without another look at the source.
         """
-        source = t.untyped_storage()
-        cdata = source._cdata
-        offset = t.storage_offset()
-        geometry = (t.dtype, offset, t.size(), t.stride())
-        metadata = metadata_of(t)  # conj / neg bits
+        cdata = _storage_address(t)
+        geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         slot = self.storages.get(cdata)
         new_storage = slot is None
         if slot is None:
-            slot = self.storages[cdata] = self.arena.take(source.nbytes(), t.is_cuda)
+            nbytes = t.untyped_storage().nbytes()
+            on_cuda = not t.is_cpu
+            slot = self.by_source.get(cdata)
+            if slot is None or slot.nbytes != nbytes or not self.arena.take_back(slot, on_cuda):
+                slot = self.arena.take(nbytes, on_cuda)
+            self.storages[cdata] = slot
         if metadata:
             out = slot.new_view(geometry)
             set_metadata(out, metadata)
@@ -508,7 +540,10 @@ class _Walk:
             out = slot.new_view(geometry)
             slot.view, slot.view_geometry, slot.view_generation = out, geometry, self.generation
         if new_storage:
-            self._plan_copy(slot, source, t, out, offset, metadata)
+            if slot.dense == geometry and not metadata and not slot.pinned:
+                self.copies.append((out, t, False))  # as planned last time: see _plan_copy
+            else:
+                self._plan_copy(slot, t, out, geometry, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
             out = torch.Tensor._make_subclass(cls, out, t.requires_grad)
@@ -526,27 +561,29 @@ class _Walk:
     def _plan_copy(
         self,
         slot: StagedStorage,
-        source: torch.UntypedStorage,
         t: torch.Tensor,
         out: torch.Tensor,
-        offset: Any,
+        geometry: Any,
         metadata: dict[str, bool],
     ) -> None:
         """Plan the copy of a newly staged storage from the first tensor seen over it.
 
         A storage that tensor covers exactly (the usual case) is copied as that tensor,
-        into ``out``; any other as raw bytes.
+        into ``out``, and the geometry is remembered on the slot (:attr:`StagedStorage.dense`);
+        any other storage as raw bytes.
         """
         on_cuda = t.is_cuda
         if (
-            offset == 0
+            geometry[1] == 0
             and not metadata
             and t.is_contiguous()
             and t.numel() * t.element_size() == slot.nbytes
         ):
             self.copies.append((out, t, on_cuda))
+            slot.dense = geometry
         else:
-            self.copies.append((slot.raw, bytes_of(source), on_cuda))
+            self.copies.append((slot.raw, bytes_of(t.untyped_storage()), on_cuda))
+            slot.dense = None
         if on_cuda:
             self.device_tags.append((slot.storage, f"cuda:{t.device.index or 0}"))
 
@@ -588,6 +625,12 @@ class _Walk:
 
 
 _has_storage: Callable[[torch.Tensor], bool] = getattr(torch._C, "_has_storage")  # noqa: B009
+_storage_address: Callable[[torch.Tensor], int] = getattr(torch._C, "_storage_address")  # noqa: B009
+_dispatch_keys: Callable[[torch.Tensor], Any] = getattr(torch._C, "_dispatch_keys")  # noqa: B009
+#: The dispatch keys of a dense CPU tensor without conj/neg bits (any dtype, with or
+#: without requires_grad, a view or not): one C call tells the common case apart.
+_PLAIN_CPU_KEYS = _dispatch_keys(torch.empty(0))
+_NO_METADATA: dict[str, bool] = {}
 
 
 def _plain_subclass(cls: type) -> bool:
