@@ -41,19 +41,20 @@ from typing import IO, Any
 import torch
 import torch.serialization
 
+from ._pickle_emit import CHECK_EVERY as _CHECK_EVERY
+from ._pickle_emit import CPU as _CPU
+from ._pickle_emit import REBUILD_PARAMETER as _REBUILD_PARAMETER
+from ._pickle_emit import REBUILD_TENSOR as _REBUILD_TENSOR
+from ._pickle_emit import STORAGE_TAG as _STORAGE_TAG
+from ._pickle_emit import STORAGE_TYPES as _STORAGE_TYPES
+from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
+from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
 
 __all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive")
 
 _PROTOCOL = 2  # torch.save's default
-_STORAGE_TYPES: dict[torch.dtype, Any] = {
-    dtype: getattr(torch, name)
-    for dtype, name in torch.storage._dtype_to_storage_type_map().items()
-}
-_REBUILD_TENSOR = torch._utils._rebuild_tensor_v2
-_REBUILD_PARAMETER = torch._utils._rebuild_parameter
-_CPU = "cpu"
 
 
 class _Fallback(Exception):
@@ -70,12 +71,6 @@ class _StorageRef:
         self.key = key
         self.location = location
         self.numel = numel
-
-
-#: Every this many tensors, the pickler hands the GIL over if it held it this long
-#: (``time.sleep(0)`` costs ~0.1 ms on some machines: not after every few tensors).
-_CHECK_EVERY = 16
-_YIELD_SECONDS = 0.001
 
 
 class _EmptyHooks:
@@ -103,7 +98,7 @@ class _Pickler(pickle.Pickler):
         if type(obj) is _StorageRef:
             # a new tuple per reference, as torch.save makes: pickle memoises tuples, so
             # handing back one shared tuple would change the bytes of data.pkl
-            return ("storage", obj.storage_type, obj.key, obj.location, obj.numel)
+            return (_STORAGE_TAG, obj.storage_type, obj.key, obj.location, obj.numel)
         return None
 
     def reducer_override(self, obj: Any) -> Any:
@@ -201,6 +196,9 @@ def pickle_state(obj: Any) -> Pickled | None:
     ``None`` for anything outside the fast path (see the module docstring). Holds the
     GIL while it runs (handing it over every few milliseconds).
     """
+    emitted = emit(obj)  # plain containers, scalars and tensors: no Pickler at all
+    if emitted is not None:
+        return Pickled(*emitted)
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     try:
