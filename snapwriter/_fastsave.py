@@ -3,25 +3,34 @@
 ``torch.save`` spends most of its time, for states of many tensors, in Python code run
 per tensor (``Tensor.__reduce_ex__``, typed-storage wrappers, a ``persistent_id`` call
 per pickled object, the device-tagger registry), holding the GIL all along.
-:func:`fast_torch_save` pickles the same object graph with a lean reducer for the two
-kinds of tensor states are made of, and writes the archive through torch's own zip
-writer, record by record in torch.save's order.
+:func:`fast_torch_save` writes the same ``data.pkl`` in one of two tiers, then the
+archive through torch's own zip writer, record by record in torch.save's order:
 
-**What is byte-identical.** For every object it accepts, the file is byte for byte the
-file ``torch.save(obj, f)`` writes (checked by the differential tests in
-``tests/fidelity``). It accepts any object graph whose tensors are all
+1. :func:`snapwriter._pickle_emit.emit` writes the pickle opcodes itself, with no
+   :class:`pickle.Pickler`, for graphs made only of exact ``dict``, ``OrderedDict``,
+   ``list``, ``tuple``, ``str``, ``int``, ``float``, ``bool``, ``None`` and the tensors
+   below (a few microseconds a tensor);
+2. otherwise a :class:`pickle.Pickler` with a lean reducer for those tensors pickles any
+   other object graph (other objects reduced as pickle always does).
+
+**What is byte-identical.** For every object either tier accepts, the file is byte for
+byte the file ``torch.save(obj, f)`` writes (checked by the differential tests in
+``tests/fidelity`` and ``tests/test_pickle_emit.py``). Both accept graphs whose tensors
+are all
 
 - plain ``torch.Tensor`` objects with no Python attributes, strided, on the CPU, of a
   dtype with a legacy typed storage (every dtype but the ``float8``/``uint16``-``uint64``/
   ``bits`` family), conjugate and negative bits included, ``requires_grad`` either way; or
 - ``nn.Parameter`` objects with no Python attributes over such data,
 
-and that holds no raw storage. Storages staged from CUDA tensors (pinned host copies)
+and that hold no raw storage. Storages staged from CUDA tensors (pinned host copies)
 are recorded with their source device, as ``torch.save`` of the source does; those files
 load the same but are not byte-identical (torch's tagger makes a new device string per
 reference, which pickle then cannot share).
 
-**What falls back.** Anything else — tensor subclasses, tensors with attributes,
+**What falls back.** The first tier gives up on any other object (sets, custom classes,
+subclasses of the built-in types, numpy arrays, ``torch.Size``...) and the second tier
+runs. Anything the second cannot do — tensor subclasses, tensors with attributes,
 quantized, sparse, nested, meta or non-CPU tensors, ``float8`` and other v3 dtypes, raw
 storages, views of one storage under two dtypes — makes it call ``torch.save`` for the
 whole object, before a byte is written.
