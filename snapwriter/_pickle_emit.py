@@ -234,6 +234,7 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
     # BINGET "storage" and BINGET of its storage type.
     rebuild = hooks = cpu = b""
     heads: dict[torch.dtype, bytes] = {}
+    starts: dict[torch.dtype, bytes] = {}  # BINGET _rebuild_tensor_v2, MARKs, head
     count = 0
     yielded = time.perf_counter()
 
@@ -328,8 +329,8 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
         stride = t.stride()
         grad = t.requires_grad
         metadata = metadata_of(t)
-        head = heads.get(dtype)
-        if head and n >= 256 and not metadata:  # the common case: a few chunks
+        start = starts.get(dtype)
+        if start and n >= 256 and not metadata:  # the common case: a few chunks
             if ref is None:
                 if location is CPU and cpu:  # only the key is new in this pid
                     record = records.get((offset, shape, stride, grad, numel))
@@ -342,8 +343,8 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
                         ]
                         record = records[(offset, shape, stride, grad, numel)] = _Record(pieces)
                     data = key.encode()
-                    out(rebuild + head + op_u32(0x58, len(data)) + data)
-                    out(record.at(n))
+                    out(start + op_u32(0x58, len(data)) + data)
+                    out((record.const + n * record.weight).to_bytes(record.length, "little"))
                     memo[id(key)] = n
                     refs[cdata] = (dtype, n, location, numel)
                     n += record.puts
@@ -400,6 +401,7 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
             save_str(location)
             out(_int(numel))
             heads[dtype] = _get(memo[id(STORAGE_TAG)]) + _get(memo[id(storage_type)])
+            starts[dtype] = rebuild + heads[dtype]
             if location is CPU:
                 cpu = _get(memo[id(CPU)])
         out(b"t" + _put(n) + b"Q" + _int(offset) + _ints_tuple(shape))
