@@ -477,3 +477,17 @@ def test_gil_hand_over_and_collector_state(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         gc.enable()
     assert emit({1}) is None and gc.isenabled()
+
+
+def test_type_check_before_emitting() -> None:
+    """Unsupported types anywhere (keys, deep values, an OrderedDict's attributes) are
+    found by a walk over types before any tensor is looked at."""
+    assert _pickle_emit._plain(CORPUS["checkpoint"].build())
+    od: collections.OrderedDict[str, Any] = collections.OrderedDict(a=1)
+    od.extra = {"s": {1, 2}}  # type: ignore[attr-defined]
+    cycle: list[Any] = [1]
+    cycle.append(cycle)
+    assert _pickle_emit._plain([cycle, (cycle,)])
+    for graph in ([{1}], {"a": {(1, frozenset()): 2}}, od, ((([b"x"],),),), {"k": [1, _Int(2)]}):
+        assert not _pickle_emit._plain(graph)
+        assert emit(graph) is None
