@@ -3,25 +3,34 @@
 ``torch.save`` spends most of its time, for states of many tensors, in Python code run
 per tensor (``Tensor.__reduce_ex__``, typed-storage wrappers, a ``persistent_id`` call
 per pickled object, the device-tagger registry), holding the GIL all along.
-:func:`fast_torch_save` pickles the same object graph with a lean reducer for the two
-kinds of tensor states are made of, and writes the archive through torch's own zip
-writer, record by record in torch.save's order.
+:func:`fast_torch_save` writes the same ``data.pkl`` in one of two tiers, then the
+archive through torch's own zip writer, record by record in torch.save's order:
 
-**What is byte-identical.** For every object it accepts, the file is byte for byte the
-file ``torch.save(obj, f)`` writes (checked by the differential tests in
-``tests/fidelity``). It accepts any object graph whose tensors are all
+1. :func:`snapwriter._pickle_emit.emit` writes the pickle opcodes itself, with no
+   :class:`pickle.Pickler`, for graphs made only of exact ``dict``, ``OrderedDict``,
+   ``list``, ``tuple``, ``str``, ``int``, ``float``, ``bool``, ``None`` and the tensors
+   below (a few microseconds a tensor);
+2. otherwise a :class:`pickle.Pickler` with a lean reducer for those tensors pickles any
+   other object graph (other objects reduced as pickle always does).
+
+**What is byte-identical.** For every object either tier accepts, the file is byte for
+byte the file ``torch.save(obj, f)`` writes (checked by the differential tests in
+``tests/fidelity`` and ``tests/test_pickle_emit.py``). Both accept graphs whose tensors
+are all
 
 - plain ``torch.Tensor`` objects with no Python attributes, strided, on the CPU, of a
   dtype with a legacy typed storage (every dtype but the ``float8``/``uint16``-``uint64``/
   ``bits`` family), conjugate and negative bits included, ``requires_grad`` either way; or
 - ``nn.Parameter`` objects with no Python attributes over such data,
 
-and that holds no raw storage. Storages staged from CUDA tensors (pinned host copies)
+and that hold no raw storage. Storages staged from CUDA tensors (pinned host copies)
 are recorded with their source device, as ``torch.save`` of the source does; those files
 load the same but are not byte-identical (torch's tagger makes a new device string per
 reference, which pickle then cannot share).
 
-**What falls back.** Anything else — tensor subclasses, tensors with attributes,
+**What falls back.** The first tier gives up on any other object (sets, custom classes,
+subclasses of the built-in types, numpy arrays, ``torch.Size``...) and the second tier
+runs. Anything the second cannot do — tensor subclasses, tensors with attributes,
 quantized, sparse, nested, meta or non-CPU tensors, ``float8`` and other v3 dtypes, raw
 storages, views of one storage under two dtypes — makes it call ``torch.save`` for the
 whole object, before a byte is written.
@@ -41,19 +50,20 @@ from typing import IO, Any
 import torch
 import torch.serialization
 
+from ._pickle_emit import CHECK_EVERY as _CHECK_EVERY
+from ._pickle_emit import CPU as _CPU
+from ._pickle_emit import REBUILD_PARAMETER as _REBUILD_PARAMETER
+from ._pickle_emit import REBUILD_TENSOR as _REBUILD_TENSOR
+from ._pickle_emit import STORAGE_TAG as _STORAGE_TAG
+from ._pickle_emit import STORAGE_TYPES as _STORAGE_TYPES
+from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
+from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
 
 __all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive")
 
 _PROTOCOL = 2  # torch.save's default
-_STORAGE_TYPES: dict[torch.dtype, Any] = {
-    dtype: getattr(torch, name)
-    for dtype, name in torch.storage._dtype_to_storage_type_map().items()
-}
-_REBUILD_TENSOR = torch._utils._rebuild_tensor_v2
-_REBUILD_PARAMETER = torch._utils._rebuild_parameter
-_CPU = "cpu"
 
 
 class _Fallback(Exception):
@@ -70,12 +80,6 @@ class _StorageRef:
         self.key = key
         self.location = location
         self.numel = numel
-
-
-#: Every this many tensors, the pickler hands the GIL over if it held it this long
-#: (``time.sleep(0)`` costs ~0.1 ms on some machines: not after every few tensors).
-_CHECK_EVERY = 16
-_YIELD_SECONDS = 0.001
 
 
 class _EmptyHooks:
@@ -103,7 +107,7 @@ class _Pickler(pickle.Pickler):
         if type(obj) is _StorageRef:
             # a new tuple per reference, as torch.save makes: pickle memoises tuples, so
             # handing back one shared tuple would change the bytes of data.pkl
-            return ("storage", obj.storage_type, obj.key, obj.location, obj.numel)
+            return (_STORAGE_TAG, obj.storage_type, obj.key, obj.location, obj.numel)
         return None
 
     def reducer_override(self, obj: Any) -> Any:
@@ -201,6 +205,9 @@ def pickle_state(obj: Any) -> Pickled | None:
     ``None`` for anything outside the fast path (see the module docstring). Holds the
     GIL while it runs (handing it over every few milliseconds).
     """
+    emitted = emit(obj)  # plain containers, scalars and tensors: no Pickler at all
+    if emitted is not None:
+        return Pickled(*emitted)
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     try:
