@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import gc
 import pickle
 import struct
 import time
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ._gcpause import collector_paused
 from ._pool import staged_device
 from ._tensorstate import metadata_of
 
@@ -571,14 +571,10 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
     # Pickling allocates a few objects per tensor that live until the end (storages,
     # their records): enough to set off full collections, which walk every tensor of
     # the process (a third of the time or more here). Nothing here makes cycles.
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        save(obj)
+        with collector_paused():
+            save(obj)
     except (_GiveUp, RecursionError):
         return None
-    finally:
-        if collecting:
-            gc.enable()
     out(b".")
     return b"".join(chunks), storages

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import copy
 import copyreg
-import gc
 import io
 import pickle
 import threading
@@ -52,6 +51,7 @@ from typing import Any
 import torch
 
 from ._exceptions import StagingError
+from ._gcpause import collector_paused
 from ._pool import Allocator, Arena, StagedStorage, bytes_of
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of
 
@@ -165,33 +165,27 @@ class Stager:
         """
         start = time.perf_counter()
         arena = self._take_arena()
-        # Staging makes a few Python objects per tensor and none of them is garbage:
-        # with tens of thousands of tensors the cyclic collector would run several full
-        # passes during the call. Pause it for the call.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
         allocated_before = arena.allocations
-        try:
-            walk = _Walk(arena, check_pickle)
+        # a few Python objects per tensor, none of them garbage: no collector passes
+        with collector_paused():
             try:
-                value = walk.stage(target)
-            except StagingError:
+                walk = _Walk(arena, check_pickle)
+                try:
+                    value = walk.stage(target)
+                except StagingError:
+                    raise
+                except RecursionError as exc:
+                    raise StagingError("cannot stage target: it is nested too deeply") from exc
+                except Exception as exc:
+                    raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
+                try:
+                    events = self._copy(walk.copies)
+                except Exception as exc:
+                    raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                arena.finish()
+                self.release_arena(arena)
                 raise
-            except RecursionError as exc:
-                raise StagingError("cannot stage target: it is nested too deeply") from exc
-            except Exception as exc:
-                raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
-            try:
-                events = self._copy(walk.copies)
-            except Exception as exc:
-                raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
-        except BaseException:
-            arena.finish()
-            self.release_arena(arena)
-            raise
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         arena.finish(walk.storages)
         with self._lock:
             self.allocations += arena.allocations - allocated_before
