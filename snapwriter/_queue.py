@@ -30,6 +30,9 @@ from ._handle import SnapshotHandle, SnapshotResult
 from ._paths import resolve_destination
 from ._process import ConsumerProcess, MpContext, check_context, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
+from ._saver import SaverProcess, SaverStats
+from ._shm import SharedMemory
+from ._staging import Stager
 from ._standard import StandardWriter, _check_shareable
 
 __all__ = ("AtomicSaveTask", "ProcessQueueWriter", "QueueWriter", "ThreadQueueWriter")
@@ -365,8 +368,22 @@ class ProcessQueueWriter(QueueWriter):
         self._mp_context = check_context(mp_context)  # create_queue may need it
         super().__init__(savefun, fs, out_dir, task, **kwds)
         _check_shareable(self.fs, type(self).__name__)
-        own = None if self._own_task() else self._task
-        self._consumer = ConsumerProcess(self._mp_context, own)
+        self._consumer: ConsumerProcess | SaverProcess
+        if self._own_task():
+            self._shm = SharedMemory()
+            if not self._ppe_mode:
+                self._stager = Stager(allocate=self._shm.allocate)
+            self._consumer = SaverProcess(self._mp_context, self._shm)
+            if not self._ppe_mode:
+                self._consumer.prestart()
+        else:
+            self._consumer = ConsumerProcess(self._mp_context, self._task)
+
+    def saver_stats(self) -> SaverStats | None:
+        """Counters of the saving process (starts, pid, segments sent...), or None with
+        a custom ``task`` (its consumer process runs it)."""
+        consumer = self._consumer
+        return consumer.stats() if isinstance(consumer, SaverProcess) else None
 
     def create_queue(self) -> Any:
         """ppe's process queue: a :class:`multiprocessing.JoinableQueue` of the writer's
@@ -381,8 +398,9 @@ class ProcessQueueWriter(QueueWriter):
 
     async def _write_job(self, job: _Job) -> WriteOutcome:
         request = job.request
-        if self._own_task():
-            outcome = await anyio.to_thread.run_sync(self._consumer.run, request)
+        consumer = self._consumer
+        if isinstance(consumer, SaverProcess):
+            outcome = await anyio.to_thread.run_sync(consumer.run, request)
         else:
             args = (
                 job.filename,
@@ -391,7 +409,7 @@ class ProcessQueueWriter(QueueWriter):
                 request.savefun,
                 request.append,
             )
-            outcome = await anyio.to_thread.run_sync(self._consumer.run, None, args)
+            outcome = await anyio.to_thread.run_sync(consumer.run, None, args)
             outcome = WriteOutcome(
                 await anyio.to_thread.run_sync(self._size_of, request),
                 outcome.write_seconds,
@@ -403,6 +421,8 @@ class ProcessQueueWriter(QueueWriter):
     def _stop_background(self) -> None:
         super()._stop_background()
         self._consumer.close()
+        if isinstance(self._consumer, SaverProcess):
+            self._shm.close()
 
 
 #: snapwriter's own ppe hooks, taken when the classes are defined (a patch replaces

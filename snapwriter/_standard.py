@@ -25,6 +25,9 @@ from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBus
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
+from ._saver import NotPicklable, SaverProcess, SaverStats
+from ._shm import SharedMemory
+from ._staging import Stager
 
 __all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
 
@@ -389,6 +392,44 @@ class ProcessWriter(StandardWriter):
         super().__init__(savefun, fs, out_dir, **kwds)
         _check_shareable(self.fs, type(self).__name__)
         self._mp_context = check_context(mp_context)
+        self._saver: SaverProcess | None = None
+        if self._uses_saver():
+            self._shm = SharedMemory()
+            self._stager = Stager(allocate=self._shm.allocate)
+            self._saver = SaverProcess(self._mp_context, self._shm)
+            self._saver.prestart()
+
+    def _uses_saver(self) -> bool:
+        """Whether saves go to the writer's saving process: ``create_worker`` is this
+        class's own (not overridden, replaced or patched)."""
+        if "create_worker" in vars(self):
+            return False
+        return getattr(type(self), "create_worker", None) is _PROCESS_CREATE_WORKER
+
+    def saver_stats(self) -> SaverStats | None:
+        """Counters of the saving process (starts, pid, segments sent...), or None when
+        saves go through ``create_worker`` workers instead."""
+        return None if self._saver is None else self._saver.stats()
+
+    async def _write_job(self, job: _Job) -> WriteOutcome:
+        saver = self._saver
+        if saver is None or not self._uses_saver():
+            return await super()._write_job(job)
+        try:
+            outcome = await anyio.to_thread.run_sync(saver.run, job.request)
+        except NotPicklable:
+            if saver.start_method != "fork":
+                raise
+            # Under fork a per-save child inherits what does not pickle (ppe's design)
+            return await super()._write_job(job)
+        await anyio.to_thread.run_sync(self._post_save)
+        return outcome
+
+    def _stop_background(self) -> None:
+        super()._stop_background()
+        if self._saver is not None:
+            self._saver.close()
+            self._shm.close()
 
     def create_worker(
         self,
@@ -404,3 +445,6 @@ class ProcessWriter(StandardWriter):
         ``target`` in a child process."""
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
         return ProcessWorker(request, self._mp_context)
+
+
+_PROCESS_CREATE_WORKER = ProcessWriter.__dict__["create_worker"]
