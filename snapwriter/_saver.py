@@ -261,17 +261,20 @@ def _watch_parent(parent_pid: int) -> None:
     """Exit at once when the trainer is gone (the save in flight, if any, is abandoned:
     its temporary file is removed by the next writer that opens the directory)."""
     first_ppid = os.getppid()
+    try:
+        pidfd: int | None = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(3)
+    except OSError:  # no pidfd here: the parent pid alone
+        pidfd = None
     while True:
-        time.sleep(PARENT_POLL_SECONDS)
+        if pidfd is not None:
+            if select.select([pidfd], [], [], PARENT_POLL_SECONDS)[0]:
+                os._exit(3)  # the trainer exited (even if its parent did not reap it)
+        else:
+            time.sleep(PARENT_POLL_SECONDS)
         if os.getppid() != first_ppid:
             os._exit(3)
-        if parent_pid != first_ppid:  # forkserver: the trainer is not our parent
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(3)
-            except OSError:
-                pass
 
 
 def serve(conn: Connection, parent_pid: int) -> None:
@@ -388,8 +391,15 @@ def zygote() -> _Zygote:
         return _zygote
 
 
+#: Set in a process forked from one with writers (``os.fork()`` in the program): its own
+#: process writers fork their saving process from it rather than starting a zygote
+#: interpreter (seconds of torch import) of their own.
+_forked_child = False
+
+
 def _forget_zygote_after_fork() -> None:
-    global _zygote, _zygote_lock
+    global _zygote, _zygote_lock, _forked_child
+    _forked_child = True
     _zygote_lock = threading.Lock()
     if _zygote is not None:
         _zygote.close()  # our copy of the parent's control socket
@@ -504,14 +514,14 @@ class SaverProcess:
 
     def prestart(self) -> None:
         """Get the default start method ready (the zygote) before the first save."""
-        if self._context is None:
+        if self._context is None and not _forked_child:
             prestart()
 
     @property
     def start_method(self) -> str:
         """``"interpreter"`` (the default: a fresh ``python -c``) or the context's."""
         if self._context is None:
-            return "interpreter"
+            return "fork" if _forked_child else "zygote"
         return get_context(self._context).get_start_method()
 
     def stats(self) -> SaverStats:
@@ -532,7 +542,7 @@ class SaverProcess:
 
     def _start(self) -> None:
         self._stop_quietly()
-        if self._context is None:
+        if self._context is None and not _forked_child:
             ours, theirs = socket.socketpair()
             try:
                 parent = zygote()
@@ -541,7 +551,7 @@ class SaverProcess:
                 theirs.close()
             self._conn = Connection(ours.detach())
         else:
-            ctx = get_context(self._context)
+            ctx = get_context(self._context or "fork")
             ours_c, theirs_c = ctx.Pipe(duplex=True)
             process = ctx.Process(  # type: ignore[attr-defined]
                 target=serve,
