@@ -519,7 +519,8 @@ class SaverProcess:
 
     @property
     def start_method(self) -> str:
-        """``"interpreter"`` (the default: a fresh ``python -c``) or the context's."""
+        """``"zygote"`` (the default; ``"fork"`` in a process forked from a trainer) or
+        the start method of the writer's ``mp_context``."""
         if self._context is None:
             return "fork" if _forked_child else "zygote"
         return get_context(self._context).get_start_method()
@@ -527,18 +528,18 @@ class SaverProcess:
     def stats(self) -> SaverStats:
         """A copy of the counters, with the shared memory's."""
         shm = self._shm.stats
-        with self._lock:
-            pid = self._process.pid if self._process is not None else None
-            return SaverStats(
-                starts=self._stats.starts,
-                pid=pid,
-                saves=self._stats.saves,
-                same_pickle=self._stats.same_pickle,
-                segments=shm.segments,
-                reserved_bytes=shm.reserved_bytes,
-                blocks=shm.blocks,
-                segments_sent=self._stats.segments_sent,
-            )
+        process = self._process  # no lock: a save in flight holds it
+        pid = process.pid if process is not None else None
+        return SaverStats(
+            starts=self._stats.starts,
+            pid=pid,
+            saves=self._stats.saves,
+            same_pickle=self._stats.same_pickle,
+            segments=shm.segments,
+            reserved_bytes=shm.reserved_bytes,
+            blocks=shm.blocks,
+            segments_sent=self._stats.segments_sent,
+        )
 
     def _start(self) -> None:
         self._stop_quietly()
