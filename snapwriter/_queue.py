@@ -1,7 +1,9 @@
 """Queue writers: saves run one at a time, in call order.
 
 ``QueueWriter`` and ``ThreadQueueWriter`` write in a worker thread;
-``ProcessQueueWriter`` in one long-lived child process. Unlike ppe's queue writers they
+``ProcessQueueWriter`` in the writer's persistent saving process (:mod:`snapwriter._saver`,
+fed through shared memory), or, with a custom ``task``, in one long-lived consumer
+process that runs it. Unlike ppe's queue writers they
 honour ``fs``, ``out_dir`` and clean-up hooks, stage the target, bound the queue
 (``max_pending``) and never hang ``finalize()`` after a failure.
 
@@ -344,11 +346,22 @@ class ThreadQueueWriter(QueueWriter):
 
 
 class ProcessQueueWriter(QueueWriter):
-    """A :class:`QueueWriter` whose consumer is one long-lived child process.
+    """A :class:`QueueWriter` whose saves run, in call order, in one child process.
 
-    Works under ``fork``, ``spawn`` and ``forkserver``; the target, ``savefun``, ``fs``
-    and ``task`` must be picklable for the latter two. A consumer that dies is replaced
-    for the next save; the save it was running fails with the exit status.
+    With snapwriter's own task that child is the writer's saving process, as for
+    :class:`~snapwriter.ProcessWriter` (:mod:`snapwriter._saver`): by default forked
+    from a zygote interpreter with torch imported (``mp_context`` picks another start
+    method), started by the first save, stopped by ``finalize()``, replaced by the next
+    save if it dies (the save it was running fails with :class:`ChildProcessFailure`
+    naming the file and the signal), gone soon after the trainer dies. Staged storages
+    live in shared segments sent once each (a few descriptors for any number of
+    tensors); a save sends ``data.pkl`` and ``(segment, offset, nbytes)`` per storage.
+    ``savefun`` and ``fs`` must pickle.
+
+    A custom ``task`` runs in a long-lived consumer process
+    (:class:`~snapwriter._process.ConsumerProcess`; the task, target, ``savefun`` and
+    ``fs`` must pickle outside ``fork``); overriding ppe's hooks keeps ppe's queue
+    design. Either consumer that dies is replaced for the next save.
 
     Args:
         mp_context: a :mod:`multiprocessing` context or start-method name.

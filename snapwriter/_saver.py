@@ -4,22 +4,31 @@ One child process per writer writes every snapshot the writer takes (unless a pp
 is overridden: those keep their own workers and consumers).
 
 **Lifecycle.** Started by the first save, in the writer's background thread (the call
-that stages the target does not wait for it). With the writer's ``mp_context`` when one
-is given; by default as a fresh interpreter (``python -c``, like ``spawn`` but without
-re-importing the program's ``__main__``), so the child never holds a copy of the
-trainer's memory image and no copy-on-write fault ever slows the trainer. A child that
-dies is replaced by the next save; the save it was running fails with
-:class:`~snapwriter.ChildProcessFailure` naming the file and how the child died.
+that stages the target does not wait for it). By default it is forked from this
+process's *zygote* (:class:`_Zygote`): a fresh interpreter (``python -c``) that imported
+torch and snapwriter, started when the first default-mode process writer is created, so
+that a first save does not pay torch's import (seconds) and a restart costs a fork of a
+small process. Like ``forkserver`` with torch preloaded, but it never imports the
+program's ``__main__`` (an unguarded training script is not run again), and neither it
+nor its savers hold a copy of the trainer's memory image: no copy-on-write fault ever
+slows the trainer. A process forked from the trainer (``os.fork()``) forks its savers
+itself. With the writer's ``mp_context`` the saver is started with that context
+instead. A saver that dies is replaced by the next save; the save it was running fails
+with :class:`~snapwriter.ChildProcessFailure` naming the file and how the saver died.
 ``finalize()``/``aclose()`` stop it. It never outlives the trainer: a watchdog thread in
-the child exits within :data:`PARENT_POLL_SECONDS` of the trainer's death (even a
-SIGKILL), and the exit machinery kills it when interpreter exit gives up on saves.
+it exits within :data:`PARENT_POLL_SECONDS` of the trainer's death (a pidfd, so even a
+SIGKILL), the zygote exits when the trainer does, and the exit machinery kills savers
+when interpreter exit gives up on saves. Each saver is tracked through a pidfd (it is
+the zygote's child; the zygote reaps it and reports its exit status).
 
 **What crosses the pipe.** Staged storages live in shared segments
 (:mod:`snapwriter._shm`); each segment is handed over once, as one file descriptor
-(``SCM_RIGHTS``), which the child maps and closes. Per save, the parent pickles the
-staged state *in the writer's background thread* with :func:`~snapwriter._fastsave.
-pickle_state` and sends ``data.pkl``'s bytes (or "same as save N" when unchanged), one
-``(key, segment, offset, nbytes)`` per storage record and the destination; the child
+(``SCM_RIGHTS``), which the child maps and closes: the trainer holds one descriptor per
+segment, a pidfd and a socket per saver; the saver none per segment. Per save, the
+parent pickles the staged state *in the writer's background thread* with
+:func:`~snapwriter._fastsave.pickle_state` and sends ``data.pkl``'s bytes (or "same as
+the previous save" when unchanged), one ``(key, segment, offset, nbytes)`` per storage
+record and the destination; the child
 writes the archive with :func:`~snapwriter._fastsave.write_archive` and commits it with
 :func:`~snapwriter._save.execute_save` (same temporary names, fsyncs, rename, errors).
 What ``pickle_state`` refuses is recorded from ``torch.save`` itself in the parent (its

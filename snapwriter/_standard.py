@@ -3,8 +3,9 @@
 A call validates its arguments, stages the target (a consistent copy), schedules the
 save coroutine on the writer's loop and returns a :class:`SnapshotHandle` at once. The
 save runs through ppe's worker contract only when a subclass overrides
-:meth:`StandardWriter.create_worker` (``ProcessWriter`` does); otherwise the coroutine
-writes in a worker thread directly.
+:meth:`StandardWriter.create_worker`; otherwise the coroutine writes in a worker thread
+directly, or, for ``ProcessWriter``, hands the save to the writer's persistent saving
+process (:mod:`snapwriter._saver`; staging into shared memory, :mod:`snapwriter._shm`).
 """
 
 from __future__ import annotations
@@ -367,16 +368,28 @@ class ThreadWriter(StandardWriter):
 
 
 class ProcessWriter(StandardWriter):
-    """Writes each snapshot in a child process (ppe's ``ProcessWriter``).
+    """Writes each snapshot in the writer's saving process (ppe's ``ProcessWriter``).
 
-    Serialization runs out of process, so the training process holds no GIL for it.
-    Works under the ``fork``, ``spawn`` and ``forkserver`` start methods; ``savefun``,
-    ``fs`` and the target must be picklable for the latter two (the target's tensors go
-    through shared memory).
+    One saving process per writer (:mod:`snapwriter._saver`): started by the first save,
+    replaced by the next save if it dies (the save it was running fails with
+    :class:`ChildProcessFailure` naming the file and how it died), stopped by
+    :meth:`finalize`/:meth:`aclose`, and gone within a fraction of a second when the
+    trainer dies. By default it is forked from a zygote interpreter that has imported
+    torch (started when the writer is created; never a copy of the trainer's memory);
+    with ``mp_context`` it is started with that context instead. Staging copies the
+    target into shared segments (:mod:`snapwriter._shm`), each sent to the child once as
+    one file descriptor; per save only ``data.pkl`` (pickled in the writer's background
+    thread) and ``(segment, offset, nbytes)`` per storage cross the pipe, and the child
+    writes torch.save's very file with the usual atomic, durable commit.
+
+    ``savefun`` and ``fs`` must pickle (a closure works only under ``fork``, where such a
+    save falls back to a child forked for it). A subclass that overrides
+    :meth:`create_worker` gets ppe's design: one worker (by default a
+    :class:`ProcessWorker`, a :class:`multiprocessing.Process`) per save.
 
     Args:
-        mp_context: a :mod:`multiprocessing` context or start-method name; ``None`` uses
-            the default context.
+        mp_context: a :mod:`multiprocessing` context or start-method name for the saving
+            process; ``None``: the zygote (see above).
         Other arguments: as :class:`StandardWriter`.
     """
 
