@@ -315,6 +315,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
             _, seg_id, size = message
             state.maps.add(seg_id, reduction.recv_handle(conn), size)
             continue
+        _reply(conn, "started", None)
         try:
             outcome = execute_save_blocking(state.request(message[1]))
         except Exception as exc:
@@ -623,38 +624,44 @@ class SaverProcess:
         with self._lock:
             if self._closed:
                 raise ChildProcessFailure(f"the writer's saving process was stopped ({path!r})")
-            if self._process is None or not self._process.is_alive():
-                self._start()
-            message = self._message(prepared)
-            try:
-                self._send(prepared, message)
-            except OSError:
-                # It died while idle: this save never reached it. Start a new one (the
-                # cache and the segments start afresh) and hand it the save.
-                self._start()
-                message = self._message(prepared)
-                try:
-                    self._send(prepared, message)
-                except OSError as exc:
-                    self._stop_quietly()
-                    raise ChildProcessFailure(
-                        f"could not hand {path!r} to a new saving process: {exc!r}"
-                    ) from exc
-            self._stats.saves += 1
-            conn, process = self._conn, self._process
-            assert conn is not None
-            try:
-                kind, payload = conn.recv()
-            except (EOFError, OSError):  # closed, or reset by the dying child
-                process.join(10)
-                code, pid = process.exitcode, process.pid
-                self._stop_quietly()
-                raise ChildProcessFailure(
-                    f"the saving process (pid {pid}) {_describe_exit(code)} while saving {path!r}"
-                ) from None
+            for attempt in (1, 2):
+                reply = self._hand_over(prepared, path, last_try=attempt == 2)
+                if reply is not None:
+                    break
+        kind, payload = reply
         if kind == "ok":
             return payload  # type: ignore[no-any-return]
         raise payload
+
+    def _hand_over(self, prepared: _Prepared, path: str, *, last_try: bool) -> Any:
+        """Send the save and wait for its outcome; None when the saving process died
+        before it acknowledged the save (it never started it: the caller retries once
+        with a new one). The lock is held."""
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        conn, process = self._conn, self._process
+        assert conn is not None and process is not None
+        started = False
+        try:
+            self._send(prepared, self._message(prepared))
+            self._stats.saves += 1
+            kind, payload = conn.recv()
+            if kind == "started":
+                started = True
+                kind, payload = conn.recv()
+        except (EOFError, OSError) as exc:  # closed, or reset by the dying child
+            process.join(10)
+            code, pid = process.exitcode, process.pid
+            self._stop_quietly()
+            if not started and not last_try:
+                # It died while idle (or as the save arrived): the save never started.
+                # A new saving process (segments and caches afresh) gets it.
+                return None
+            what = "while saving" if started else "before it could start saving"
+            raise ChildProcessFailure(
+                f"the saving process (pid {pid}) {_describe_exit(code)} {what} {path!r}"
+            ) from exc
+        return kind, payload
 
     def close(self) -> None:
         """Stop the saving process (it finishes nothing: the writer waited for its
