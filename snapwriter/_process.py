@@ -1,4 +1,10 @@
-"""Saving in child processes (``ProcessWriter``, ``ProcessQueueWriter``).
+"""Child processes of ppe's designs (``ProcessWriter.create_worker``, a
+``ProcessQueueWriter`` with a custom ``task``), and what every writer child shares.
+
+The writers' own saves go to their persistent saving process instead
+(:mod:`snapwriter._saver`). Here: :class:`ProcessWorker` (one child per save) and
+:class:`ConsumerProcess` (a long-lived child running a custom task), the tracking of live
+children that interpreter exit kills when it gives up, and context helpers.
 
 Spawn-safe: the child runs module-level functions and receives a :class:`SaveRequest`
 (or ppe-style task arguments); no closure or writer object is pickled. A child reports

@@ -1,7 +1,9 @@
 """Queue writers: saves run one at a time, in call order.
 
 ``QueueWriter`` and ``ThreadQueueWriter`` write in a worker thread;
-``ProcessQueueWriter`` in one long-lived child process. Unlike ppe's queue writers they
+``ProcessQueueWriter`` in the writer's persistent saving process (:mod:`snapwriter._saver`,
+fed through shared memory), or, with a custom ``task``, in one long-lived consumer
+process that runs it. Unlike ppe's queue writers they
 honour ``fs``, ``out_dir`` and clean-up hooks, stage the target, bound the queue
 (``max_pending``) and never hang ``finalize()`` after a failure.
 
@@ -30,6 +32,9 @@ from ._handle import SnapshotHandle, SnapshotResult
 from ._paths import resolve_destination
 from ._process import ConsumerProcess, MpContext, check_context, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
+from ._saver import SaverProcess, SaverStats
+from ._shm import SharedMemory
+from ._staging import Stager
 from ._standard import StandardWriter, _check_shareable
 
 __all__ = ("AtomicSaveTask", "ProcessQueueWriter", "QueueWriter", "ThreadQueueWriter")
@@ -341,11 +346,22 @@ class ThreadQueueWriter(QueueWriter):
 
 
 class ProcessQueueWriter(QueueWriter):
-    """A :class:`QueueWriter` whose consumer is one long-lived child process.
+    """A :class:`QueueWriter` whose saves run, in call order, in one child process.
 
-    Works under ``fork``, ``spawn`` and ``forkserver``; the target, ``savefun``, ``fs``
-    and ``task`` must be picklable for the latter two. A consumer that dies is replaced
-    for the next save; the save it was running fails with the exit status.
+    With snapwriter's own task that child is the writer's saving process, as for
+    :class:`~snapwriter.ProcessWriter` (:mod:`snapwriter._saver`): by default forked
+    from a zygote interpreter with torch imported (``mp_context`` picks another start
+    method), started by the first save, stopped by ``finalize()``, replaced by the next
+    save if it dies (the save it was running fails with :class:`ChildProcessFailure`
+    naming the file and the signal), gone soon after the trainer dies. Staged storages
+    live in shared segments sent once each (a few descriptors for any number of
+    tensors); a save sends ``data.pkl`` and ``(segment, offset, nbytes)`` per storage.
+    ``savefun`` and ``fs`` must pickle.
+
+    A custom ``task`` runs in a long-lived consumer process
+    (:class:`~snapwriter._process.ConsumerProcess`; the task, target, ``savefun`` and
+    ``fs`` must pickle outside ``fork``); overriding ppe's hooks keeps ppe's queue
+    design. Either consumer that dies is replaced for the next save.
 
     Args:
         mp_context: a :mod:`multiprocessing` context or start-method name.
@@ -365,8 +381,22 @@ class ProcessQueueWriter(QueueWriter):
         self._mp_context = check_context(mp_context)  # create_queue may need it
         super().__init__(savefun, fs, out_dir, task, **kwds)
         _check_shareable(self.fs, type(self).__name__)
-        own = None if self._own_task() else self._task
-        self._consumer = ConsumerProcess(self._mp_context, own)
+        self._consumer: ConsumerProcess | SaverProcess
+        if self._own_task():
+            self._shm = SharedMemory()
+            if not self._ppe_mode:
+                self._stager = Stager(allocate=self._shm.allocate)
+            self._consumer = SaverProcess(self._mp_context, self._shm)
+            if not self._ppe_mode:
+                self._consumer.prestart()
+        else:
+            self._consumer = ConsumerProcess(self._mp_context, self._task)
+
+    def saver_stats(self) -> SaverStats | None:
+        """Counters of the saving process (starts, pid, segments sent...), or None with
+        a custom ``task`` (its consumer process runs it)."""
+        consumer = self._consumer
+        return consumer.stats() if isinstance(consumer, SaverProcess) else None
 
     def create_queue(self) -> Any:
         """ppe's process queue: a :class:`multiprocessing.JoinableQueue` of the writer's
@@ -381,8 +411,9 @@ class ProcessQueueWriter(QueueWriter):
 
     async def _write_job(self, job: _Job) -> WriteOutcome:
         request = job.request
-        if self._own_task():
-            outcome = await anyio.to_thread.run_sync(self._consumer.run, request)
+        consumer = self._consumer
+        if isinstance(consumer, SaverProcess):
+            outcome = await anyio.to_thread.run_sync(consumer.run, request)
         else:
             args = (
                 job.filename,
@@ -391,7 +422,7 @@ class ProcessQueueWriter(QueueWriter):
                 request.savefun,
                 request.append,
             )
-            outcome = await anyio.to_thread.run_sync(self._consumer.run, None, args)
+            outcome = await anyio.to_thread.run_sync(consumer.run, None, args)
             outcome = WriteOutcome(
                 await anyio.to_thread.run_sync(self._size_of, request),
                 outcome.write_seconds,
@@ -403,6 +434,8 @@ class ProcessQueueWriter(QueueWriter):
     def _stop_background(self) -> None:
         super()._stop_background()
         self._consumer.close()
+        if isinstance(self._consumer, SaverProcess):
+            self._shm.close()
 
 
 #: snapwriter's own ppe hooks, taken when the classes are defined (a patch replaces

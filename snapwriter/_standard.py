@@ -3,8 +3,9 @@
 A call validates its arguments, stages the target (a consistent copy), schedules the
 save coroutine on the writer's loop and returns a :class:`SnapshotHandle` at once. The
 save runs through ppe's worker contract only when a subclass overrides
-:meth:`StandardWriter.create_worker` (``ProcessWriter`` does); otherwise the coroutine
-writes in a worker thread directly.
+:meth:`StandardWriter.create_worker`; otherwise the coroutine writes in a worker thread
+directly, or, for ``ProcessWriter``, hands the save to the writer's persistent saving
+process (:mod:`snapwriter._saver`; staging into shared memory, :mod:`snapwriter._shm`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBus
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
+from ._saver import NotPicklable, SaverProcess, SaverStats
+from ._shm import SharedMemory
+from ._staging import Stager
 
 __all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
 
@@ -364,16 +368,28 @@ class ThreadWriter(StandardWriter):
 
 
 class ProcessWriter(StandardWriter):
-    """Writes each snapshot in a child process (ppe's ``ProcessWriter``).
+    """Writes each snapshot in the writer's saving process (ppe's ``ProcessWriter``).
 
-    Serialization runs out of process, so the training process holds no GIL for it.
-    Works under the ``fork``, ``spawn`` and ``forkserver`` start methods; ``savefun``,
-    ``fs`` and the target must be picklable for the latter two (the target's tensors go
-    through shared memory).
+    One saving process per writer (:mod:`snapwriter._saver`): started by the first save,
+    replaced by the next save if it dies (the save it was running fails with
+    :class:`ChildProcessFailure` naming the file and how it died), stopped by
+    :meth:`finalize`/:meth:`aclose`, and gone within a fraction of a second when the
+    trainer dies. By default it is forked from a zygote interpreter that has imported
+    torch (started when the writer is created; never a copy of the trainer's memory);
+    with ``mp_context`` it is started with that context instead. Staging copies the
+    target into shared segments (:mod:`snapwriter._shm`), each sent to the child once as
+    one file descriptor; per save only ``data.pkl`` (pickled in the writer's background
+    thread) and ``(segment, offset, nbytes)`` per storage cross the pipe, and the child
+    writes torch.save's very file with the usual atomic, durable commit.
+
+    ``savefun`` and ``fs`` must pickle (a closure works only under ``fork``, where such a
+    save falls back to a child forked for it). A subclass that overrides
+    :meth:`create_worker` gets ppe's design: one worker (by default a
+    :class:`ProcessWorker`, a :class:`multiprocessing.Process`) per save.
 
     Args:
-        mp_context: a :mod:`multiprocessing` context or start-method name; ``None`` uses
-            the default context.
+        mp_context: a :mod:`multiprocessing` context or start-method name for the saving
+            process; ``None``: the zygote (see above).
         Other arguments: as :class:`StandardWriter`.
     """
 
@@ -389,6 +405,44 @@ class ProcessWriter(StandardWriter):
         super().__init__(savefun, fs, out_dir, **kwds)
         _check_shareable(self.fs, type(self).__name__)
         self._mp_context = check_context(mp_context)
+        self._saver: SaverProcess | None = None
+        if self._uses_saver():
+            self._shm = SharedMemory()
+            self._stager = Stager(allocate=self._shm.allocate)
+            self._saver = SaverProcess(self._mp_context, self._shm)
+            self._saver.prestart()
+
+    def _uses_saver(self) -> bool:
+        """Whether saves go to the writer's saving process: ``create_worker`` is this
+        class's own (not overridden, replaced or patched)."""
+        if "create_worker" in vars(self):
+            return False
+        return getattr(type(self), "create_worker", None) is _PROCESS_CREATE_WORKER
+
+    def saver_stats(self) -> SaverStats | None:
+        """Counters of the saving process (starts, pid, segments sent...), or None when
+        saves go through ``create_worker`` workers instead."""
+        return None if self._saver is None else self._saver.stats()
+
+    async def _write_job(self, job: _Job) -> WriteOutcome:
+        saver = self._saver
+        if saver is None or not self._uses_saver():
+            return await super()._write_job(job)
+        try:
+            outcome = await anyio.to_thread.run_sync(saver.run, job.request)
+        except NotPicklable:
+            if saver.start_method != "fork":
+                raise
+            # Under fork a per-save child inherits what does not pickle (ppe's design)
+            return await super()._write_job(job)
+        await anyio.to_thread.run_sync(self._post_save)
+        return outcome
+
+    def _stop_background(self) -> None:
+        super()._stop_background()
+        if self._saver is not None:
+            self._saver.close()
+            self._shm.close()
 
     def create_worker(
         self,
@@ -404,3 +458,6 @@ class ProcessWriter(StandardWriter):
         ``target`` in a child process."""
         request = self._request(filename, out_dir, target, savefun, append, savefun_kwargs)
         return ProcessWorker(request, self._mp_context)
+
+
+_PROCESS_CREATE_WORKER = ProcessWriter.__dict__["create_worker"]

@@ -26,8 +26,11 @@ import snapwriter
 
 # -- the writers -------------------------------------------------------------------
 
-#: Every snapshot writer, as (id, class name, mp_context). ``processqueue`` uses the
-#: platform's default start method (``fork`` on Linux before Python 3.14).
+#: Every snapshot writer, as (id, class name, mp_context). ``processqueue`` forks its
+#: saving process: the strace sweeps instrument the scenario process in Python
+#: (``child_setup``), which a saving process started by the default method (a fresh
+#: zygote interpreter, see snapwriter._saver) would not inherit; tests/test_saver.py
+#: covers the default method.
 WRITERS: dict[str, tuple[str, str | None]] = {
     "simple": ("SimpleWriter", None),
     "standard": ("StandardWriter", None),
@@ -36,7 +39,7 @@ WRITERS: dict[str, tuple[str, str | None]] = {
     "process-spawn": ("ProcessWriter", "spawn"),
     "queue": ("QueueWriter", None),
     "threadqueue": ("ThreadQueueWriter", None),
-    "processqueue": ("ProcessQueueWriter", None),
+    "processqueue": ("ProcessQueueWriter", "fork"),
 }
 #: Extra start methods used by the process-life tests.
 EXTRA_WRITERS: dict[str, tuple[str, str | None]] = {

@@ -1,0 +1,703 @@
+"""The persistent saving process of ``ProcessWriter`` and ``ProcessQueueWriter``.
+
+One child process per writer writes every snapshot the writer takes (unless a ppe hook
+is overridden: those keep their own workers and consumers).
+
+**Lifecycle.** Started by the first save, in the writer's background thread (the call
+that stages the target does not wait for it). By default it is forked from this
+process's *zygote* (:class:`_Zygote`): a fresh interpreter (``python -c``) that imported
+torch and snapwriter, started when the first default-mode process writer is created, so
+that a first save does not pay torch's import (seconds) and a restart costs a fork of a
+small process. Like ``forkserver`` with torch preloaded, but it never imports the
+program's ``__main__`` (an unguarded training script is not run again), and neither it
+nor its savers hold a copy of the trainer's memory image: no copy-on-write fault ever
+slows the trainer. A process forked from the trainer (``os.fork()``) forks its savers
+itself. With the writer's ``mp_context`` the saver is started with that context
+instead. A saver that dies is replaced by the next save; the save it was running fails
+with :class:`~snapwriter.ChildProcessFailure` naming the file and how the saver died.
+``finalize()``/``aclose()`` stop it. It never outlives the trainer: a watchdog thread in
+it exits within :data:`PARENT_POLL_SECONDS` of the trainer's death (a pidfd, so even a
+SIGKILL), the zygote exits when the trainer does, and the exit machinery kills savers
+when interpreter exit gives up on saves. Each saver is tracked through a pidfd (it is
+the zygote's child; the zygote reaps it and reports its exit status).
+
+**What crosses the pipe.** Staged storages live in shared segments
+(:mod:`snapwriter._shm`); each segment is handed over once, as one file descriptor
+(``SCM_RIGHTS``), which the child maps and closes: the trainer holds one descriptor per
+segment, a pidfd and a socket per saver; the saver none per segment. Per save, the
+parent pickles the staged state *in the writer's background thread* with
+:func:`~snapwriter._fastsave.pickle_state` and sends ``data.pkl``'s bytes (or "same as
+the previous save" when unchanged), one ``(key, segment, offset, nbytes)`` per storage
+record and the destination; the child
+writes the archive with :func:`~snapwriter._fastsave.write_archive` and commits it with
+:func:`~snapwriter._save.execute_save` (same temporary names, fsyncs, rename, errors).
+What ``pickle_state`` refuses is recorded from ``torch.save`` itself in the parent (its
+records, storages named by place), so the file is still torch.save's, byte for byte. A
+custom ``savefun`` (or ``savefun`` keyword arguments) gets the object graph in the child:
+it is pickled with torch.save's reducers (:mod:`snapwriter._transfer`) and its storages
+named by place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from typing import IO, Any
+
+import torch
+import torch.serialization
+
+from ._compat import register_at_fork
+from ._exceptions import ChildProcessFailure, SnapshotError
+from ._fastsave import Pickled, pickle_state, write_archive
+from ._pool import device_tags
+from ._process import MpContext, _describe_exit, _track, _untrack, get_context
+from ._save import SaveRequest, WriteOutcome, execute_save_blocking
+from ._shm import Location, Mappings, SharedMemory
+from ._transfer import _Pickler as _GraphPickler
+from ._transfer import _Unpickler as _GraphUnpickler
+
+__all__ = ("NotPicklable", "SaverProcess", "SaverStats")
+
+#: How often the saving process checks that the trainer still lives (seconds).
+PARENT_POLL_SECONDS = 0.25
+#: How long a request to the zygote may wait (its first one waits for torch's import).
+ZYGOTE_START_SECONDS = 300.0
+#: How long ``close()`` waits for the child to exit before killing it (seconds).
+STOP_SECONDS = 30.0
+
+
+class NotPicklable(SnapshotError):
+    """The save's ``savefun``, ``fs`` or keyword arguments do not pickle, so they cannot
+    reach a saving process that is already running."""
+
+
+@dataclass
+class SaverStats:
+    """Counters of a writer's saving process (``writer.saver_stats()``).
+
+    Attributes:
+        starts: saving processes started (1 for a writer whose child never died).
+        pid: the current one's pid, or None.
+        saves: saves handed to it.
+        same_pickle: saves whose ``data.pkl`` was sent as "same as the previous".
+        segments, reserved_bytes, blocks: shared staging memory (see
+            :class:`~snapwriter._shm.ShmStats`).
+        segments_sent: segments handed to a saving process (each once per process).
+    """
+
+    starts: int = 0
+    pid: int | None = None
+    saves: int = 0
+    same_pickle: int = 0
+    segments: int = 0
+    reserved_bytes: int = 0
+    blocks: int = 0
+    segments_sent: int = 0
+
+
+# -- the description of one save ----------------------------------------------------------
+
+
+class _Recorder:
+    """Stands for torch's zip writer in ``torch.serialization._save``: keeps the records
+    torch.save writes, in order (storages as storage objects)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any]] = []
+
+    def write_record(self, name: str, data: Any, nbytes: int) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+        self.records.append((name, data))
+
+
+def _torch_save_records(target: Any) -> list[tuple[str, Any]] | None:
+    """The records ``torch.save(target, f)`` writes, or None where this torch's private
+    ``_save`` is not the one this was written against."""
+    save = getattr(torch.serialization, "_save", None)
+    if save is None:
+        return None
+    recorder = _Recorder()
+    try:
+        save(target, recorder, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    except (TypeError, AttributeError) as exc:
+        if "write_record" in str(exc) or "_save()" in str(exc):
+            return None
+        raise
+    return recorder.records
+
+
+@dataclass
+class _Prepared:
+    """One save as it goes to the child, and what must stay alive until it is written."""
+
+    kind: str  # "fast", "records" or "graph"
+    data: bytes
+    records: list[Any]
+    rest: dict[str, Any]
+    keep: list[torch.UntypedStorage] = field(default_factory=list)
+    segments: set[int] = field(default_factory=set)
+
+
+def _prepare(request: SaveRequest, shm: SharedMemory) -> _Prepared:
+    """Describe ``request``: data.pkl (or the graph) and every storage by its place.
+
+    Runs in the writer's background thread (holds the GIL while pickling).
+    """
+    keep: list[torch.UntypedStorage] = []
+    segments: set[int] = set()
+
+    def where(storage: torch.UntypedStorage) -> Location:
+        loc = shm.locate(storage)
+        if loc is None:  # not staged here (stage=False, special tensors): copy it in
+            copy, loc = shm.copy_in(storage)
+            keep.append(copy)
+        if loc[0] >= 0:
+            segments.add(loc[0])
+        return loc
+
+    rest = {
+        "dest": request.dest,
+        "append": request.append,
+        "fs": request.fs,
+        "durable": request.durable,
+    }
+    target = request.target
+    if request.savefun is torch.save and not request.kwds:
+        with device_tags(request.device_tags):
+            pickled = pickle_state(target)
+            raw = None if pickled is not None else _torch_save_records(target)
+        if pickled is not None:
+            records = [(key, where(storage)) for key, storage in pickled.storages]
+            return _Prepared("fast", pickled.data, records, rest, keep, segments)
+        if raw is not None and raw and raw[0][0] == "data.pkl":
+            described = [
+                (name, value if isinstance(value, bytes) else where(value))
+                for name, value in raw[1:]
+            ]
+            return _Prepared("records", raw[0][1], described, rest, keep, segments)
+    pickler_buffer = io.BytesIO()
+    pickler = _GraphPickler(pickler_buffer)
+    pickler.dump((target, request.device_tags))
+    locations = [where(storage) for storage in pickler.storages]
+    rest.update(savefun=request.savefun, kwds=request.kwds)
+    return _Prepared("graph", pickler_buffer.getvalue(), locations, rest, keep, segments)
+
+
+# -- the child ----------------------------------------------------------------------------
+
+
+def _write_pickled(target: Pickled, f: IO[bytes]) -> None:
+    write_archive(f, target)
+
+
+def _write_records(target: list[tuple[str, Any]], f: IO[bytes]) -> None:
+    """Write the records torch.save wrote (recorded in the parent) as torch.save does."""
+    alignment = torch.serialization._get_storage_alignment()
+    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
+    try:
+        for name, value in target:
+            nbytes = value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
+            writer.write_record(name, value, nbytes)
+        writer.write_end_of_file()
+    except BaseException:
+        with contextlib.suppress(Exception):  # see write_archive
+            writer.write_end_of_file()
+        raise
+    f.flush()
+
+
+class _ChildState:
+    def __init__(self) -> None:
+        self.maps = Mappings()
+        self.last: dict[str, tuple[bytes, list[Any]]] = {}
+
+    def request(self, message: dict[str, Any]) -> SaveRequest:
+        kind = message["kind"]
+        data, records = message["data"], message["records"]
+        if data is None or records is None:
+            last_data, last_records = self.last[kind]
+            data = last_data if data is None else data
+            records = last_records if records is None else records
+        self.last[kind] = (data, records)
+        rest = message["rest"]
+        dest, append, fs, durable = rest["dest"], rest["append"], rest["fs"], rest["durable"]
+        storage = self.maps.storage
+        if kind == "fast":
+            pickled = Pickled(data, [(key, storage(loc)) for key, loc in records])
+            return SaveRequest(dest, pickled, _write_pickled, {}, append, fs, durable)
+        if kind == "records":
+            described: list[tuple[str, Any]] = [("data.pkl", data)]
+            described += [
+                (name, value if isinstance(value, bytes) else storage(value))
+                for name, value in records
+            ]
+            return SaveRequest(dest, described, _write_records, {}, append, fs, durable)
+        storages = [storage(loc) for loc in records]
+        target, tags = _GraphUnpickler(io.BytesIO(data), storages).load()
+        return SaveRequest(
+            dest, target, rest["savefun"], rest["kwds"], append, fs, durable, list(tags)
+        )
+
+
+def _reply(conn: Connection, kind: str, payload: Any) -> None:
+    try:
+        conn.send((kind, payload))
+    except Exception:  # the exception itself does not pickle: send its text
+        if not isinstance(payload, BaseException):
+            raise
+        text = "".join(traceback.format_exception(payload))
+        conn.send((kind, ChildProcessFailure(f"{type(payload).__name__}: {payload}\n{text}")))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the trainer is gone (the save in flight, if any, is abandoned:
+    its temporary file is removed by the next writer that opens the directory)."""
+    first_ppid = os.getppid()
+    try:
+        pidfd: int | None = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(3)
+    except OSError:  # no pidfd here: the parent pid alone
+        pidfd = None
+    while True:
+        if pidfd is not None:
+            if select.select([pidfd], [], [], PARENT_POLL_SECONDS)[0]:
+                os._exit(3)  # the trainer exited (even if its parent did not reap it)
+        else:
+            time.sleep(PARENT_POLL_SECONDS)
+        if os.getppid() != first_ppid:
+            os._exit(3)
+
+
+def serve(conn: Connection, parent_pid: int) -> None:
+    """Entry point of the saving process: run saves until told to stop (``None``) or
+    the pipe closes; exits when the trainer dies."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), name="snapwriter-watch", daemon=True
+    ).start()
+    state = _ChildState()
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            message = pickle.loads(raw)
+        except Exception as exc:  # a save whose savefun/fs does not unpickle here
+            _reply(
+                conn,
+                "error",
+                ChildProcessFailure(f"the saving process could not receive the save: {exc!r}"),
+            )
+            continue
+        if message is None:
+            return
+        if message[0] == "segment":
+            _, seg_id, size = message
+            state.maps.add(seg_id, reduction.recv_handle(conn), size)
+            continue
+        _reply(conn, "started", None)
+        try:
+            outcome = execute_save_blocking(state.request(message[1]))
+        except Exception as exc:
+            _reply(conn, "error", exc)
+        else:
+            _reply(conn, "ok", outcome)
+
+
+def serve_fd(fd: int, parent_pid: int) -> None:
+    """Entry point of a saving process started as a fresh interpreter."""
+    serve(Connection(fd), parent_pid)
+
+
+# -- the parent's side --------------------------------------------------------------------
+
+
+class _Zygote:
+    """A fresh interpreter (``python -c``) that has imported torch and snapwriter and
+    forks saving processes on request: like multiprocessing's ``forkserver`` with torch
+    preloaded, but it never imports the program's ``__main__`` (an unguarded training
+    script is not run again) and the savers it forks hold nothing of the trainer's
+    memory. One per trainer process, started by the first default-mode process writer;
+    it exits with the trainer (its control socket closes, or its parent changes).
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = (
+            f"import sys; sys.path[:0] = {list(sys.path)!r}; "
+            f"from snapwriter._saver import zygote_main; "
+            f"zygote_main({theirs.fileno()}, {os.getpid()})"
+        )
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL
+            )
+        finally:
+            theirs.close()
+        self.pid = self._popen.pid
+        self._ctl = ours
+        self._lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def _ask(self, request: tuple[Any, ...], fds: list[int]) -> Any:
+        with self._lock:
+            self._ctl.settimeout(ZYGOTE_START_SECONDS)
+            socket.send_fds(self._ctl, [pickle.dumps(request)], fds)
+            reply = self._ctl.recv(4096)
+        if not reply:
+            raise ChildProcessFailure("the snapwriter zygote process exited")
+        return pickle.loads(reply)
+
+    def spawn(self, fd: int) -> int:
+        """Fork a saving process serving the socket ``fd``; return its pid."""
+        pid = self._ask(("spawn",), [fd])
+        assert isinstance(pid, int)
+        return pid
+
+    def status(self, pid: int) -> int | None:
+        """Reap the exited saver ``pid``: its exit code (negative: killed by a signal)."""
+        code = self._ask(("status", pid), [])
+        return code if isinstance(code, int) else None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._ctl.close()
+
+
+_zygote: _Zygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def zygote() -> _Zygote:
+    """This process's zygote, started (again) if need be."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            if _zygote is not None:
+                _zygote.close()
+            _zygote = _Zygote()
+        return _zygote
+
+
+#: Set in a process forked from one with writers (``os.fork()`` in the program): its own
+#: process writers fork their saving process from it rather than starting a zygote
+#: interpreter (seconds of torch import) of their own.
+_forked_child = False
+
+
+def _forget_zygote_after_fork() -> None:
+    global _zygote, _zygote_lock, _forked_child
+    _forked_child = True
+    _zygote_lock = threading.Lock()
+    if _zygote is not None:
+        _zygote.close()  # our copy of the parent's control socket
+    _zygote = None
+
+
+def zygote_main(fd: int, trainer_pid: int) -> None:
+    """Entry point of the zygote: fork savers on request until the trainer is gone."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctl = socket.socket(fileno=fd)
+    first_ppid = os.getppid()
+    while True:
+        ready, _, _ = select.select([ctl], [], [], PARENT_POLL_SECONDS)
+        if os.getppid() != first_ppid:
+            os._exit(0)
+        if not ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 4)
+        except OSError:
+            os._exit(0)
+        if not data:
+            os._exit(0)
+        request = pickle.loads(data)
+        if request[0] == "spawn":
+            pid = os.fork()
+            if pid == 0:
+                ctl.close()
+                code = 0
+                try:
+                    serve(Connection(fds[0]), trainer_pid)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            for received in fds:
+                os.close(received)
+            reply: Any = pid
+        else:
+            reply = _reap(request[1])
+        ctl.sendall(pickle.dumps(reply))
+
+
+def _reap(pid: int) -> int | None:
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+class _Forked:
+    """A saving process forked by the zygote (not our child): the parts of
+    :class:`multiprocessing.Process` the writers and the exit machinery use, through a
+    pidfd (readable once the process has exited)."""
+
+    def __init__(self, pid: int, parent: _Zygote) -> None:
+        self.pid = pid
+        self._zygote = parent
+        self._pidfd = os.pidfd_open(pid)
+        self._exitcode: int | None = None
+        self._exited = False
+
+    def is_alive(self) -> bool:
+        return not self._exited and not select.select([self._pidfd], [], [], 0)[0]
+
+    def kill(self) -> None:
+        if not self._exited:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._exited:
+            return
+        if select.select([self._pidfd], [], [], timeout)[0]:
+            self._exited = True
+            with contextlib.suppress(Exception):
+                self._exitcode = self._zygote.status(self.pid)
+            os.close(self._pidfd)
+
+    @property
+    def exitcode(self) -> int | None:
+        if not self._exited and not self.is_alive():
+            self.join(0)
+        return self._exitcode
+
+
+class SaverProcess:
+    """The parent's handle on a writer's saving process (see the module docstring).
+
+    Thread-safe; one save at a time, in the order :meth:`run` is called.
+    """
+
+    def __init__(self, context: MpContext, shm: SharedMemory) -> None:
+        self._context = context
+        self._shm = shm
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._process: Any = None
+        self._sent: set[int] = set()
+        self._last: dict[str, tuple[bytes, list[Any]]] = {}
+        self._closed = False
+        self._stats = SaverStats()
+
+    def prestart(self) -> None:
+        """Get the default start method ready (the zygote) before the first save."""
+        if self._context is None and not _forked_child:
+            prestart()
+
+    @property
+    def start_method(self) -> str:
+        """``"zygote"`` (the default; ``"fork"`` in a process forked from a trainer) or
+        the start method of the writer's ``mp_context``."""
+        if self._context is None:
+            return "fork" if _forked_child else "zygote"
+        return get_context(self._context).get_start_method()
+
+    def stats(self) -> SaverStats:
+        """A copy of the counters, with the shared memory's."""
+        shm = self._shm.stats
+        process = self._process  # no lock: a save in flight holds it
+        pid = process.pid if process is not None else None
+        return SaverStats(
+            starts=self._stats.starts,
+            pid=pid,
+            saves=self._stats.saves,
+            same_pickle=self._stats.same_pickle,
+            segments=shm.segments,
+            reserved_bytes=shm.reserved_bytes,
+            blocks=shm.blocks,
+            segments_sent=self._stats.segments_sent,
+        )
+
+    def _start(self) -> None:
+        self._stop_quietly()
+        if self._context is None and not _forked_child:
+            ours, theirs = socket.socketpair()
+            try:
+                parent = zygote()
+                self._process = _Forked(parent.spawn(theirs.fileno()), parent)
+            finally:
+                theirs.close()
+            self._conn = Connection(ours.detach())
+        else:
+            ctx = get_context(self._context or "fork")
+            ours_c, theirs_c = ctx.Pipe(duplex=True)
+            process = ctx.Process(  # type: ignore[attr-defined]
+                target=serve,
+                args=(theirs_c, os.getpid()),
+                name="snapwriter-saver",
+                daemon=True,
+            )
+            process.start()
+            theirs_c.close()
+            self._process = process
+            self._conn = ours_c
+        _track(self._process)
+        self._sent = set()
+        self._last = {}
+        self._stats.starts += 1
+
+    def _send(self, prepared: _Prepared, message: bytes) -> None:
+        conn, process = self._conn, self._process
+        assert conn is not None and process is not None
+        for seg_id in sorted(prepared.segments - self._sent):
+            segment = self._shm.segment(seg_id)
+            conn.send_bytes(pickle.dumps(("segment", seg_id, segment.size)))
+            reduction.send_handle(conn, segment.fd, process.pid)
+            self._sent.add(seg_id)
+            self._stats.segments_sent += 1
+        conn.send_bytes(message)
+
+    def _message(self, prepared: _Prepared) -> bytes:
+        last = self._last.get(prepared.kind)
+        data: bytes | None = prepared.data
+        records: list[Any] | None = prepared.records
+        if last is not None:
+            if last[0] == prepared.data:
+                data = None
+                self._stats.same_pickle += 1
+            if last[1] == prepared.records:
+                records = None
+        self._last[prepared.kind] = (prepared.data, prepared.records)
+        body = {"kind": prepared.kind, "data": data, "records": records, "rest": prepared.rest}
+        try:
+            return pickle.dumps(("save", body), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            self._last.pop(prepared.kind, None)
+            raise NotPicklable(
+                f"the save cannot be sent to the saving process: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def run(self, request: SaveRequest) -> WriteOutcome:
+        """Describe ``request`` (in the calling thread), hand it to the saving process
+        (started if need be) and block until it reports.
+
+        Raises:
+            NotPicklable: ``savefun``, ``fs`` or the keyword arguments do not pickle.
+            ChildProcessFailure: the saving process died during the save.
+            The child's exception, when the save failed there.
+        """
+        prepared = _prepare(request, self._shm)
+        path = request.dest.path
+        with self._lock:
+            if self._closed:
+                raise ChildProcessFailure(f"the writer's saving process was stopped ({path!r})")
+            for attempt in (1, 2):
+                reply = self._hand_over(prepared, path, last_try=attempt == 2)
+                if reply is not None:
+                    break
+        kind, payload = reply
+        if kind == "ok":
+            return payload  # type: ignore[no-any-return]
+        raise payload
+
+    def _hand_over(self, prepared: _Prepared, path: str, *, last_try: bool) -> Any:
+        """Send the save and wait for its outcome; None when the saving process died
+        before it acknowledged the save (it never started it: the caller retries once
+        with a new one). The lock is held."""
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        conn, process = self._conn, self._process
+        assert conn is not None and process is not None
+        started = False
+        try:
+            self._send(prepared, self._message(prepared))
+            self._stats.saves += 1
+            kind, payload = conn.recv()
+            if kind == "started":
+                started = True
+                kind, payload = conn.recv()
+        except (EOFError, OSError) as exc:  # closed, or reset by the dying child
+            process.join(10)
+            code, pid = process.exitcode, process.pid
+            self._stop_quietly()
+            if not started and not last_try:
+                # It died while idle (or as the save arrived): the save never started.
+                # A new saving process (segments and caches afresh) gets it.
+                return None
+            what = "while saving" if started else "before it could start saving"
+            raise ChildProcessFailure(
+                f"the saving process (pid {pid}) {_describe_exit(code)} {what} {path!r}"
+            ) from exc
+        return kind, payload
+
+    def close(self) -> None:
+        """Stop the saving process (it finishes nothing: the writer waited for its
+        saves) and wait for it; kill it if it does not exit. Idempotent."""
+        with self._lock:
+            self._closed = True
+            conn, process = self._conn, self._process
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(pickle.dumps(None))
+            if process is not None:
+                process.join(STOP_SECONDS)
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+            self._stop_quietly()
+
+    def _stop_quietly(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        process = self._process
+        if process is not None:
+            if process.is_alive():
+                with contextlib.suppress(Exception):
+                    process.kill()
+                    process.join(5)
+            _untrack(process)
+        self._conn = None
+        self._process = None
+
+
+def prestart() -> None:
+    """Start this process's zygote now (a default-mode writer was created), so that the
+    first save does not wait for torch's import in a fresh interpreter."""
+    with contextlib.suppress(Exception):
+        zygote()
+
+
+register_at_fork(after_in_child=_forget_zygote_after_fork)

@@ -1,0 +1,255 @@
+"""Shared-memory staging for the saving process of the process writers.
+
+:class:`SharedMemory` is a staging :data:`~snapwriter._pool.Allocator`: every staged
+storage is carved out of a few large shared segments (anonymous ``memfd`` files mapped
+in the trainer). A segment crosses to the saving process once, as one file descriptor,
+when a save first refers to it; the child maps it and closes the descriptor, so neither
+side holds a descriptor per tensor (the trainer keeps one per segment, to hand the
+segments to a restarted child). A save then only names ``(segment, offset, nbytes)``
+per storage, and the child builds its storages over its own mappings
+(:class:`Mappings`).
+
+Sizing: segments grow in chunks of at least :data:`CHUNK_BYTES` (64 MiB), each new
+chunk as large as everything reserved so far (at most :data:`MAX_CHUNK_BYTES`), so a
+state of any size takes a handful of segments; a storage larger than a chunk gets a
+segment of its own. Offsets are aligned to :data:`ALIGNMENT` bytes. A freed block (its
+storage collected) is reused by the next allocation of the same aligned size; the
+:class:`~snapwriter._pool.Arena` already reuses staged storages by size, so a warm
+save of the same layout allocates nothing and sends no segment.
+
+Lifetime: each storage holds a reference to its segment's mapping (through the NumPy
+array its memory comes from), so a mapping lives as long as any storage carved from it,
+even after :meth:`SharedMemory.close` dropped the allocator's own references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._pool import allocate_host
+
+__all__ = ("ALIGNMENT", "CHUNK_BYTES", "Mappings", "Segment", "SharedMemory", "ShmStats")
+
+ALIGNMENT = 64
+CHUNK_BYTES = 64 << 20
+MAX_CHUNK_BYTES = 1 << 30
+_PAGE = mmap.PAGESIZE
+
+#: Where one storage lives: (segment id, offset, nbytes); segment -1 for empty storages.
+Location = tuple[int, int, int]
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass
+class ShmStats:
+    """Counters of one :class:`SharedMemory` (and of the saving process that uses it).
+
+    Attributes:
+        segments: segments created so far.
+        reserved_bytes: their total size.
+        blocks: storages carved so far (reused blocks included).
+        segments_sent: segments handed to a saving process (again after a restart).
+    """
+
+    segments: int = 0
+    reserved_bytes: int = 0
+    blocks: int = 0
+    segments_sent: int = 0
+
+
+class Segment:
+    """One shared segment: its id, size, descriptor and mapping in this process."""
+
+    __slots__ = ("fd", "id", "mapping", "pinned", "size", "used")
+
+    def __init__(self, seg_id: int, size: int) -> None:
+        self.id = seg_id
+        self.size = size
+        self.fd = os.memfd_create(f"snapwriter-{seg_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mapping = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.used = 0
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the mapping for CUDA copies (``cudaHostRegister``).
+
+        Untested here (no GPU on the machines this was written on): best effort, a
+        failure leaves the segment pageable, which only makes device copies slower.
+        """
+        if self.pinned or not torch.cuda.is_available():
+            return
+        with contextlib.suppress(Exception):
+            ptr = np.frombuffer(self.mapping, dtype=np.uint8).ctypes.data
+            torch.cuda.cudart().cudaHostRegister(ptr, self.size, 0)  # type: ignore[no-untyped-call]
+            self.pinned = True
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _storage_over(
+    mapping: mmap.mmap, offset: int, nbytes: int
+) -> tuple[torch.UntypedStorage, np.ndarray]:
+    """An ``UntypedStorage`` of exactly ``nbytes`` over ``mapping[offset:]``, and the NumPy
+    array that owns it (the storage keeps the array, the array keeps the mapping)."""
+    array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
+    return torch.from_numpy(array).untyped_storage(), array
+
+
+class SharedMemory:
+    """A staging allocator over shared segments (see the module docstring).
+
+    Thread-safe: staging allocates in the caller's thread while a save describes its
+    storages in the writer's loop thread; blocks are freed from whichever thread drops
+    a storage's last reference.
+    """
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self._chunk = chunk_bytes
+        self._lock = threading.RLock()
+        self._segments: dict[int, Segment] = {}
+        self._current: Segment | None = None
+        self._free: dict[int, list[tuple[int, int]]] = {}  # aligned size -> [(seg, off)]
+        self._where: dict[int, Location] = {}  # data_ptr -> location
+        self._closed = False
+        self.stats = ShmStats()
+
+    def allocate(self, nbytes: int, pinned: bool = False) -> torch.UntypedStorage:
+        """The :data:`~snapwriter._pool.Allocator`: a storage of exactly ``nbytes`` in a
+        shared segment (page-locked segments for CUDA sources, when CUDA is there)."""
+        if nbytes == 0:
+            return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
+        size = _round_up(nbytes, ALIGNMENT)
+        with self._lock:
+            if self._closed:  # a staging call racing finalize(): private memory
+                return allocate_host(nbytes, pinned)
+            segment, offset = self._block(size)
+            if pinned:
+                segment.pin()
+            storage, array = _storage_over(segment.mapping, offset, nbytes)
+            ptr = storage.data_ptr()
+            self._where[ptr] = (segment.id, offset, nbytes)
+            self.stats.blocks += 1
+        weakref.finalize(array, self._release, ptr, segment.id, offset, size).atexit = False
+        return storage
+
+    def _block(self, size: int) -> tuple[Segment, int]:
+        spare = self._free.get(size)
+        if spare:
+            seg_id, offset = spare.pop()
+            return self._segments[seg_id], offset
+        current = self._current
+        if current is not None and current.used + size <= current.size:
+            offset = current.used
+            current.used += size
+            return current, offset
+        chunk = min(max(self._chunk, self.stats.reserved_bytes), MAX_CHUNK_BYTES)
+        if size > chunk:  # a storage larger than a chunk: a segment of its own
+            segment = self._new_segment(_round_up(size, _PAGE))
+            segment.used = size
+            return segment, 0
+        segment = self._current = self._new_segment(chunk)
+        segment.used = size
+        return segment, 0
+
+    def _new_segment(self, size: int) -> Segment:
+        segment = Segment(len(self._segments), size)
+        self._segments[segment.id] = segment
+        self.stats.segments += 1
+        self.stats.reserved_bytes += size
+        return segment
+
+    def _release(self, ptr: int, seg_id: int, offset: int, size: int) -> None:
+        with self._lock:
+            if self._where.get(ptr, (None, None))[:2] == (seg_id, offset):
+                del self._where[ptr]
+            if not self._closed:
+                self._free.setdefault(size, []).append((seg_id, offset))
+
+    def locate(self, storage: torch.UntypedStorage) -> Location | None:
+        """Where ``storage`` lives, or None when it is not one of this allocator's (of
+        another allocator, or a view into one of its blocks other than the whole)."""
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return (-1, 0, 0)
+        where = self._where.get(storage.data_ptr())
+        if where is None or where[2] != nbytes:
+            return None
+        return where
+
+    def copy_in(self, storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, Location]:
+        """A shared copy of ``storage`` (one this allocator does not hold) and its place.
+        Keep the copy alive until the save that names it is written."""
+        nbytes = storage.nbytes()
+        copy = self.allocate(nbytes)
+        if nbytes:
+            copy.copy_(storage)  # a device storage: copied to host
+        where = self.locate(copy)
+        if where is None:
+            raise RuntimeError("the writer's shared memory was released (writer finalized)")
+        return copy, where
+
+    def segment(self, seg_id: int) -> Segment:
+        """The segment ``seg_id``."""
+        with self._lock:
+            return self._segments[seg_id]
+
+    def segment_ids(self) -> list[int]:
+        """The ids of every segment created so far."""
+        with self._lock:
+            return list(self._segments)
+
+    def close(self) -> None:
+        """Drop the allocator's segments: close their descriptors, forget their mappings
+        (a mapping goes when the last storage carved from it goes). Idempotent."""
+        with self._lock:
+            self._closed = True
+            segments = list(self._segments.values())
+            self._segments.clear()
+            self._free.clear()
+            self._current = None
+        for segment in segments:
+            segment.close_fd()
+
+
+class Mappings:
+    """The saving process's side: segments mapped once each, storages built over them."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def add(self, seg_id: int, fd: int, size: int) -> None:
+        """Map segment ``seg_id`` from ``fd`` (closed here: the mapping is enough)."""
+        try:
+            self._maps[seg_id] = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    def storage(self, where: Location) -> torch.UntypedStorage:
+        """The storage at ``where`` (a new object over the shared bytes)."""
+        seg_id, offset, nbytes = where
+        if nbytes == 0:
+            return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
+        return _storage_over(self._maps[seg_id], offset, nbytes)[0]
+
+    def __len__(self) -> int:
+        return len(self._maps)

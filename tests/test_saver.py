@@ -1,0 +1,237 @@
+"""The persistent saving process of the process writers (snapwriter._saver, _shm).
+
+Default start method (the zygote interpreter) unless a test says otherwise; real files,
+compared with torch.save's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import snapwriter
+from snapwriter._saver import SaverStats
+from tests.conftest import load
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCESS_WRITERS = ["ProcessWriter", "ProcessQueueWriter"]
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _stats(writer: Any) -> SaverStats:
+    stats = writer.saver_stats()
+    assert stats is not None
+    return stats  # type: ignore[no-any-return]
+
+
+def _gone_within(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not necessarily our child) has exited within ``timeout``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def _run(code: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("writer", PROCESS_WRITERS)
+def test_many_small_tensors_with_few_file_descriptors(tmp_path: Path, writer: str) -> None:
+    """20,000 tensors under a 256-descriptor limit: each file is torch.save's, byte for
+    byte; one saving process; the warm save sends no segment and reuses data.pkl."""
+    code = """
+        import io, json, resource, sys, torch, snapwriter
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        def ref(obj):
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            return buffer.getvalue()
+        state = {f"t{i}": torch.full((4,), float(i)) for i in range(20_000)}
+        state["meta"] = {"step": 3, "name": "run"}
+        out = {}
+        with getattr(snapwriter, sys.argv[2])(out_dir=sys.argv[1]) as w:
+            w("a.pt", "", state).result(timeout=200)
+            out["a"] = open(sys.argv[1] + "/a.pt", "rb").read() == ref(state)
+            first = w.saver_stats()
+            state["t0"].add_(1)  # same layout, new values
+            w("b.pt", "", state).result(timeout=200)
+            out["b"] = open(sys.argv[1] + "/b.pt", "rb").read() == ref(state)
+            second = w.saver_stats()
+        out["first"], out["second"] = vars(first), vars(second)
+        print(json.dumps(out))
+    """
+    proc = _run(code, str(tmp_path), writer)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["a"] and out["b"], "not torch.save's bytes"
+    first, second = out["first"], out["second"]
+    assert first["starts"] == second["starts"] == 1
+    assert first["pid"] == second["pid"]
+    assert first["segments"] <= 2 and second["segments"] == first["segments"]
+    assert second["segments_sent"] == first["segments_sent"]  # warm: nothing new sent
+    assert second["blocks"] == first["blocks"]  # warm: nothing allocated
+    assert second["same_pickle"] == first["same_pickle"] + 1
+
+
+@pytest.mark.parametrize("writer", PROCESS_WRITERS)
+def test_one_saving_process_and_finalize_stops_it(tmp_path: Path, writer: str) -> None:
+    w = getattr(snapwriter, writer)(out_dir=str(tmp_path))
+    pids = set()
+    for i in range(3):
+        state = {"w": torch.full((8,), float(i)), "step": i}
+        w(f"s{i}.pt", "", state).result(timeout=120)
+        assert (tmp_path / f"s{i}.pt").read_bytes() == _torch_bytes(state)
+        pids.add(_stats(w).pid)
+    assert len(pids) == 1 and _stats(w).starts == 1
+    (pid,) = pids
+    assert pid is not None
+    w.finalize()
+    assert _gone_within(pid, 30), "the saving process outlived finalize()"
+    assert _stats(w).pid is None
+
+
+def test_killed_while_idle_next_save_starts_a_new_one(tmp_path: Path) -> None:
+    with snapwriter.ProcessWriter(out_dir=str(tmp_path)) as w:
+        w("a.pt", "", {"v": torch.ones(3)}).result(timeout=120)
+        first = _stats(w).pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert _gone_within(first, 30)
+        state = {"v": torch.full((3,), 2.0)}
+        w("b.pt", "", state).result(timeout=120)
+        stats = _stats(w)
+        assert stats.starts == 2 and stats.pid not in (None, first)
+        assert stats.segments_sent == 2  # the one segment, again for the new process
+    assert (tmp_path / "b.pt").read_bytes() == _torch_bytes(state)
+
+
+def blocking_save(target: Any, f: Any) -> None:
+    """A savefun that writes half a file, then blocks on a FIFO the test never reads."""
+    f.write(b"half a snapshot")
+    f.flush()
+    with open(target["fifo"], "wb") as fifo:  # opens once the test opened it to read
+        fifo.write(b"x")
+        fifo.flush()
+        fifo.write(b"y" * (1 << 20))  # blocks: the test reads one byte only
+
+
+def test_killed_during_a_save(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    torch.save({"generation": 0}, out / "snap.pt")
+    w = snapwriter.ProcessWriter(out_dir=str(out))
+    w("warm.pt", "", {"x": 1}).result(timeout=120)
+    handle = w("snap.pt", "", {"fifo": str(fifo)}, savefun=blocking_save)
+    with open(fifo, "rb") as reader:
+        assert reader.read(1) == b"x"  # the child is inside savefun now
+        pid = _stats(w).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(snapwriter.SnapshotWriteError) as info:
+            handle.result(timeout=60)
+    cause = info.value.__cause__
+    assert isinstance(cause, snapwriter.ChildProcessFailure)
+    assert "snap.pt" in str(cause) and "SIGKILL" in str(cause)
+    assert load(out / "snap.pt") == {"generation": 0}
+    assert any(snapwriter.is_temp_name(p.name) for p in out.iterdir())
+    w("after.pt", "", {"x": 2}).result(timeout=120)  # a new saving process
+    assert _stats(w).starts == 2
+    w.finalize()
+    with snapwriter.ProcessWriter(out_dir=str(out)) as fresh:
+        fresh.initialize(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["after.pt", "snap.pt", "warm.pt"]
+
+
+@pytest.mark.parametrize("how", ["sigkill", "os_exit"])
+def test_no_saving_process_outlives_the_trainer(tmp_path: Path, how: str) -> None:
+    code = """
+        import os, sys, torch, snapwriter, snapwriter._saver
+        w = snapwriter.ProcessQueueWriter(out_dir=sys.argv[1])
+        w("a.pt", "", {"v": torch.ones(2)}).result(timeout=200)
+        print(w.saver_stats().pid, snapwriter._saver._zygote.pid, flush=True)
+        if sys.argv[2] == "os_exit":
+            os._exit(0)
+        sys.stdin.read()
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    program = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert program.stdout is not None and program.stdin is not None
+    saver, zygote = (int(x) for x in program.stdout.readline().split())
+    if how == "sigkill":
+        program.kill()
+    program.wait(60)
+    program.stdin.close()
+    program.stdout.close()
+    assert _gone_within(saver, 20), "the saving process outlived the trainer"
+    assert _gone_within(zygote, 20), "the zygote outlived the trainer"
+
+
+def test_fork_context_and_custom_savefun(tmp_path: Path) -> None:
+    """mp_context='fork' is honoured; a custom savefun gets the object graph."""
+
+    def closure(target: Any, f: Any) -> None:  # does not pickle: fork falls back
+        torch.save(target, f)
+
+    with snapwriter.ProcessWriter(out_dir=str(tmp_path), mp_context="fork") as w:
+        state = {"t": torch.arange(5), "shared": [torch.ones(2)] * 2}
+        w("a.pt", "", state).result(timeout=60)
+        assert _stats(w).starts == 1
+        w("b.pt", "", state, savefun=snapwriter_save).result(timeout=60)
+        w("c.pt", "", state, savefun=closure).result(timeout=60)
+        assert _stats(w).starts == 1
+    assert (tmp_path / "a.pt").read_bytes() == _torch_bytes(state)
+    loaded = load(tmp_path / "b.pt")
+    assert torch.equal(loaded["t"], state["t"]) and loaded["marker"] == "custom"
+    assert loaded["shared"][0] is loaded["shared"][1]
+    assert torch.equal(load(tmp_path / "c.pt")["t"], state["t"])
+
+
+def snapwriter_save(target: Any, f: Any) -> None:
+    torch.save({**target, "marker": "custom"}, f)
+
+
+def test_create_worker_still_returns_a_process(tmp_path: Path) -> None:
+    import multiprocessing
+
+    w = snapwriter.ProcessWriter(out_dir=str(tmp_path))
+    worker = w.create_worker("x.pt", "", {"x": 1})
+    assert isinstance(worker, multiprocessing.Process)
+    w.finalize()
