@@ -282,7 +282,8 @@ class ConsumerProcess:
 
     def __init__(self, context: MpContext = None, task: Callable[..., Any] | None = None) -> None:
         self._ctx = get_context(context)
-        self._task = task
+        #: the custom task run by the consumer, or None for snapwriter's own save
+        self.task = task
         self._lock = threading.Lock()
         self._conn: multiprocessing.connection.Connection | None = None
         self._process: Any = None
@@ -293,7 +294,7 @@ class ConsumerProcess:
             parent, child = self._ctx.Pipe(duplex=True)
             self._process = self._ctx.Process(  # type: ignore[attr-defined]
                 target=_child_consume,
-                args=(child, self._task, os.getpid()),
+                args=(child, self.task, os.getpid()),
                 name="snapwriter-consumer",
                 # Never joined forever at exit: writers are finalized before that (an
                 # idle consumer of a writer dropped without finalize is terminated).

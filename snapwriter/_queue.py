@@ -32,7 +32,7 @@ from ._handle import SnapshotHandle, SnapshotResult
 from ._paths import resolve_destination
 from ._process import ConsumerProcess, MpContext, check_context, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
-from ._saver import SaverProcess, SaverStats
+from ._saver import SaverProcess, SaverStats, saver_supported
 from ._shm import SharedMemory
 from ._staging import Stager
 from ._standard import StandardWriter, _check_shareable
@@ -382,7 +382,7 @@ class ProcessQueueWriter(QueueWriter):
         super().__init__(savefun, fs, out_dir, task, **kwds)
         _check_shareable(self.fs, type(self).__name__)
         self._consumer: ConsumerProcess | SaverProcess
-        if self._own_task():
+        if self._own_task() and saver_supported():
             self._shm = SharedMemory()
             if not self._ppe_mode:
                 self._stager = Stager(allocate=self._shm.allocate)
@@ -390,7 +390,10 @@ class ProcessQueueWriter(QueueWriter):
             if not self._ppe_mode:
                 self._consumer.prestart()
         else:
-            self._consumer = ConsumerProcess(self._mp_context, self._task)
+            # a custom task runs in the consumer; snapwriter's own save crosses the pipe
+            # as a SaveRequest where there is no saving process (not Linux)
+            own = None if self._own_task() else self._task
+            self._consumer = ConsumerProcess(self._mp_context, own)
 
     def saver_stats(self) -> SaverStats | None:
         """Counters of the saving process (starts, pid, segments sent...), or None with
@@ -412,7 +415,7 @@ class ProcessQueueWriter(QueueWriter):
     async def _write_job(self, job: _Job) -> WriteOutcome:
         request = job.request
         consumer = self._consumer
-        if isinstance(consumer, SaverProcess):
+        if isinstance(consumer, SaverProcess) or consumer.task is None:
             outcome = await anyio.to_thread.run_sync(consumer.run, request)
         else:
             args = (

@@ -74,6 +74,10 @@ __all__ = ("NotPicklable", "SaverProcess", "SaverStats")
 
 #: How often the saving process checks that the trainer still lives (seconds).
 PARENT_POLL_SECONDS = 0.25
+
+#: The saving process needs Linux's memfd segments and pidfds; elsewhere the process
+#: writers keep their per-save child (``ProcessWriter``) and pipe-fed consumer.
+SUPPORTED = hasattr(os, "memfd_create") and hasattr(os, "pidfd_open")
 #: How long a request to the zygote may wait (its first one waits for torch's import).
 ZYGOTE_START_SECONDS = 300.0
 #: How long ``close()`` waits for the child to exit before killing it (seconds).
@@ -701,3 +705,9 @@ def prestart() -> None:
 
 
 register_at_fork(after_in_child=_forget_zygote_after_fork)
+
+
+def saver_supported() -> bool:
+    """Whether this platform runs the persistent saving process (:data:`SUPPORTED`; read
+    at call time so a test can switch it off)."""
+    return SUPPORTED

@@ -60,12 +60,15 @@ class ShmStats:
         reserved_bytes: their total size.
         blocks: storages carved so far (reused blocks included).
         segments_sent: segments handed to a saving process (again after a restart).
+        private_blocks: storages staged in private memory because no segment could
+            be made (their saves fail, naming the OS error).
     """
 
     segments: int = 0
     reserved_bytes: int = 0
     blocks: int = 0
     segments_sent: int = 0
+    private_blocks: int = 0
 
 
 class Segment:
@@ -135,7 +138,20 @@ class SharedMemory:
 
     def allocate(self, nbytes: int, pinned: bool = False) -> torch.UntypedStorage:
         """The :data:`~snapwriter._pool.Allocator`: a storage of exactly ``nbytes`` in a
-        shared segment (page-locked segments for CUDA sources, when CUDA is there)."""
+        shared segment (page-locked segments for CUDA sources, when CUDA is there).
+
+        Where no segment can be made (``RLIMIT_FSIZE``, a full ``/dev/shm``...), private
+        memory: staging succeeds and the save then fails naming the OS error
+        (:meth:`copy_in` raises it), as a write error of its file.
+        """
+        try:
+            return self._allocate_shared(nbytes, pinned)
+        except OSError:
+            with self._lock:
+                self.stats.private_blocks += 1
+            return allocate_host(nbytes, pinned)
+
+    def _allocate_shared(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
         if nbytes == 0:
             return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
         size = _round_up(nbytes, ALIGNMENT)
@@ -167,7 +183,13 @@ class SharedMemory:
             segment = self._new_segment(_round_up(size, _PAGE))
             segment.used = size
             return segment, 0
-        segment = self._current = self._new_segment(chunk)
+        try:
+            segment = self._new_segment(chunk)
+        except OSError:  # a limit below a chunk: just the block, in a segment of its own
+            segment = self._new_segment(_round_up(size, _PAGE))
+            segment.used = size
+            return segment, 0
+        self._current = segment
         segment.used = size
         return segment, 0
 
@@ -200,7 +222,7 @@ class SharedMemory:
         """A shared copy of ``storage`` (one this allocator does not hold) and its place.
         Keep the copy alive until the save that names it is written."""
         nbytes = storage.nbytes()
-        copy = self.allocate(nbytes)
+        copy = self._allocate_shared(nbytes, False)  # OSError: no shared memory to be had
         if nbytes:
             copy.copy_(storage)  # a device storage: copied to host
         where = self.locate(copy)

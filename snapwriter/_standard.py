@@ -26,7 +26,7 @@ from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBus
 from ._handle import SnapshotHandle, SnapshotResult, await_any
 from ._process import MpContext, ProcessWorker, check_context
 from ._save import SaveRequest, WriteOutcome
-from ._saver import NotPicklable, SaverProcess, SaverStats
+from ._saver import NotPicklable, SaverProcess, SaverStats, saver_supported
 from ._shm import SharedMemory
 from ._staging import Stager
 
@@ -414,8 +414,8 @@ class ProcessWriter(StandardWriter):
 
     def _uses_saver(self) -> bool:
         """Whether saves go to the writer's saving process: ``create_worker`` is this
-        class's own (not overridden, replaced or patched)."""
-        if "create_worker" in vars(self):
+        class's own (not overridden, replaced or patched), on a platform that has one."""
+        if not saver_supported() or "create_worker" in vars(self):
             return False
         return getattr(type(self), "create_worker", None) is _PROCESS_CREATE_WORKER
 

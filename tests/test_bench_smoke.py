@@ -138,7 +138,7 @@ def test_plans_include_ppe_process_everywhere(bench: ModuleType) -> None:
         if bench.ppe_available():
             assert all(("ppe.Process", wl) in cases for wl in workloads), argv
     _, writers, _ = bench.plan(bench.parse_args(["--compare"]))
-    assert {"snap.Process(fork)", "ppe.Thread", "dcp.async_save"} <= set(writers)
+    assert {"snap.Process", "snap.ProcessQueue", "ppe.Thread", "dcp.async_save"} <= set(writers)
 
 
 def test_new_workloads_shape(bench: ModuleType) -> None:
@@ -195,7 +195,7 @@ def test_writer_targets_verdicts(bench: ModuleType) -> None:
     assert lost["verdict"] == "FAIL"  # Process(fork) 2.0x, ThreadQueue failed
     assert "snap.Process(fork) 0.200s = 2.00x memcpy" in lost["detail"]
     assert "snap.ThreadQueue ERROR" in lost["detail"]
-    assert "not run: snap.Process(spawn)" in lost["detail"]
+    assert "not run: snap.Process, snap.ProcessQueue, snap.Process(spawn)" in lost["detail"]
     assert got[every + "peak extra memory <= 1.1x state [0.5GiB-190]"]["verdict"] == "FAIL"
     best = got["best snapwriter writer: lost <= 0.1 s and < ppe.Process [50k-small]"]
     assert best["verdict"] == "PASS" and best["detail"].startswith("snap.Process(fork)")

@@ -235,3 +235,20 @@ def test_create_worker_still_returns_a_process(tmp_path: Path) -> None:
     worker = w.create_worker("x.pt", "", {"x": 1})
     assert isinstance(worker, multiprocessing.Process)
     w.finalize()
+
+
+@pytest.mark.parametrize("cls", ["ProcessWriter", "ProcessQueueWriter"])
+def test_without_a_saving_process_the_per_save_paths_write_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: str
+) -> None:
+    """Where memfd segments and pidfds do not exist (not Linux), the process writers keep
+    their per-save child and pipe-fed consumer, and still write torch.save's file."""
+    monkeypatch.setattr("snapwriter._saver.SUPPORTED", False)
+    state = {"w": torch.arange(12.0).reshape(3, 4), "step": 3}
+    writer = getattr(snapwriter, cls)(out_dir=str(tmp_path), mp_context="fork")
+    try:
+        assert writer.saver_stats() is None
+        writer("snap.pt", str(tmp_path), state).result(timeout=120)
+    finally:
+        writer.finalize()
+    assert (tmp_path / "snap.pt").read_bytes() == _torch_bytes(state)

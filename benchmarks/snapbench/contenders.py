@@ -247,8 +247,10 @@ def writers() -> dict[str, Callable[[str], Adapter]]:
         "torch.save+fsync": lambda d: SyncTorchSave(d, fsync=True),
         "snap.Standard": _snap(lambda d: sw.StandardWriter(out_dir=d)),
         "snap.Standard(stage=False)": _snap(lambda d: sw.StandardWriter(out_dir=d, stage=False)),
+        "snap.Process": _snap(lambda d: sw.ProcessWriter(out_dir=d)),
         "snap.Process(fork)": _snap(lambda d: sw.ProcessWriter(out_dir=d, mp_context="fork")),
         "snap.Process(spawn)": _snap(lambda d: sw.ProcessWriter(out_dir=d, mp_context="spawn")),
+        "snap.ProcessQueue": _snap(lambda d: sw.ProcessQueueWriter(out_dir=d)),
         "snap.ProcessQueue(fork)": _snap(
             lambda d: sw.ProcessQueueWriter(out_dir=d, mp_context="fork")
         ),
@@ -271,8 +273,10 @@ WRITER_NAMES = (
     "torch.save+fsync",
     "snap.Standard",
     "snap.Standard(stage=False)",
+    "snap.Process",
     "snap.Process(fork)",
     "snap.Process(spawn)",
+    "snap.ProcessQueue",
     "snap.ProcessQueue(fork)",
     "snap.ThreadQueue",
     "snap.Simple",
@@ -283,7 +287,10 @@ WRITER_NAMES = (
 )
 ALL_WRITERS = (*WRITER_NAMES, "dcp.async_save")
 QUICK_WRITERS = tuple(
-    w for w in WRITER_NAMES if w not in ("snap.Process(spawn)", "snap.ThreadQueue")
+    w
+    for w in WRITER_NAMES
+    if w not in ("snap.Process(spawn)", "snap.Process(fork)", "snap.ProcessQueue(fork)")
+    and w != "snap.ThreadQueue"
 )
 #: --quick on the many-tensor workloads: every save of 50k tensors through torch.save's
 #: pickler takes seconds, so quick mode keeps one writer per behaviour there.
@@ -293,7 +300,7 @@ QUICK_SMALL_WRITERS = (
     "torch.save",
     "torch.save+fsync",
     DEFAULT_WRITER,
-    "snap.Process(fork)",
+    "snap.Process",
     "ppe.Thread",
     "ppe.Process",
 )
@@ -302,6 +309,8 @@ SWEEP_WRITERS = ("memcpy", "torch.save+fsync", DEFAULT_WRITER)
 #: blocks by design; ``stage=False`` hands consistency to the caller).
 SNAP_ASYNC = (
     "snap.Standard",
+    "snap.Process",
+    "snap.ProcessQueue",
     "snap.Process(fork)",
     "snap.Process(spawn)",
     "snap.ProcessQueue(fork)",
@@ -313,8 +322,8 @@ COMPARE_WRITERS = (
     "torch.save",
     "torch.save+fsync",
     "snap.Standard",
-    "snap.Process(fork)",
-    "snap.ProcessQueue(fork)",
+    "snap.Process",
+    "snap.ProcessQueue",
     "snap.ThreadQueue",
     "ppe.Thread",
     "ppe.Process",
