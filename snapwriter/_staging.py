@@ -339,17 +339,7 @@ class _Walk:
         """A plain dict: rebuilt key by key (memoised first, so it may contain itself)."""
         out: dict[Any, Any] = {}
         self._remember(obj, out)
-        stage, tensor, memo = self.stage, self._tensor, self.memo
-        for k, v in obj.items():
-            if type(k) not in _ATOMIC:
-                k = stage(k)
-            vcls = type(v)
-            if vcls in _ATOMIC:
-                out[k] = v
-            elif vcls is torch.Tensor and id(v) not in memo:
-                out[k] = tensor(v)
-            else:
-                out[k] = stage(v)
+        self._fill(out, obj)
         return out
 
     def _ordered_dict(self, obj: collections.OrderedDict[Any, Any]) -> Any:
@@ -359,6 +349,12 @@ class _Walk:
         self._remember(obj, out)
         if obj.__dict__:
             out.__dict__.update(self.stage(obj.__dict__))
+        self._fill(out, obj)
+        return out
+
+    def _fill(self, out: dict[Any, Any], obj: dict[Any, Any]) -> None:
+        """Put the staged items of ``obj`` into ``out``, in order (plain tensors, the
+        common value, without a trip through :meth:`stage`)."""
         stage, tensor, memo = self.stage, self._tensor, self.memo
         for k, v in obj.items():
             if type(k) not in _ATOMIC:
@@ -370,7 +366,6 @@ class _Walk:
                 out[k] = tensor(v)
             else:
                 out[k] = stage(v)
-        return out
 
     def _list(self, obj: list[Any]) -> list[Any]:
         """A plain list: rebuilt item by item (memoised first, so it may contain itself)."""

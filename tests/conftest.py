@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +154,28 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     from tests.faults import stats
 
     stats.report(terminalreporter)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torch_save_bytes(obj: Any) -> bytes:
+    """What ``torch.save(obj, f)`` writes into an open file object (the reference)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def run_python(
+    code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports this checkout's snapwriter."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )

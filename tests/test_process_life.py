@@ -15,22 +15,9 @@ import torch
 
 import snapwriter
 from tests.conftest import load
+from tests.conftest import run_python as _run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(
-    code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ compared with torch.save's bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import select
@@ -22,16 +21,10 @@ import torch
 
 import snapwriter
 from snapwriter._saver import SaverStats
-from tests.conftest import load
+from tests.conftest import load, run_python, torch_save_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESS_WRITERS = ["ProcessWriter", "ProcessQueueWriter"]
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def _stats(writer: Any) -> SaverStats:
@@ -50,18 +43,6 @@ def _gone_within(pid: int, timeout: float) -> bool:
         return bool(select.select([pidfd], [], [], timeout)[0])
     finally:
         os.close(pidfd)
-
-
-def _run(code: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("writer", PROCESS_WRITERS)
@@ -90,7 +71,7 @@ def test_many_small_tensors_with_few_file_descriptors(tmp_path: Path, writer: st
         out["first"], out["second"] = vars(first), vars(second)
         print(json.dumps(out))
     """
-    proc = _run(code, str(tmp_path), writer)
+    proc = run_python(code, str(tmp_path), writer, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["a"] and out["b"], "not torch.save's bytes"
@@ -110,7 +91,7 @@ def test_one_saving_process_and_finalize_stops_it(tmp_path: Path, writer: str) -
     for i in range(3):
         state = {"w": torch.full((8,), float(i)), "step": i}
         w(f"s{i}.pt", "", state).result(timeout=120)
-        assert (tmp_path / f"s{i}.pt").read_bytes() == _torch_bytes(state)
+        assert (tmp_path / f"s{i}.pt").read_bytes() == torch_save_bytes(state)
         pids.add(_stats(w).pid)
     assert len(pids) == 1 and _stats(w).starts == 1
     (pid,) = pids
@@ -132,7 +113,7 @@ def test_killed_while_idle_next_save_starts_a_new_one(tmp_path: Path) -> None:
         stats = _stats(w)
         assert stats.starts == 2 and stats.pid not in (None, first)
         assert stats.segments_sent == 2  # the one segment, again for the new process
-    assert (tmp_path / "b.pt").read_bytes() == _torch_bytes(state)
+    assert (tmp_path / "b.pt").read_bytes() == torch_save_bytes(state)
 
 
 def blocking_save(target: Any, f: Any) -> None:
@@ -217,7 +198,7 @@ def test_fork_context_and_custom_savefun(tmp_path: Path) -> None:
         w("b.pt", "", state, savefun=snapwriter_save).result(timeout=60)
         w("c.pt", "", state, savefun=closure).result(timeout=60)
         assert _stats(w).starts == 1
-    assert (tmp_path / "a.pt").read_bytes() == _torch_bytes(state)
+    assert (tmp_path / "a.pt").read_bytes() == torch_save_bytes(state)
     loaded = load(tmp_path / "b.pt")
     assert torch.equal(loaded["t"], state["t"]) and loaded["marker"] == "custom"
     assert loaded["shared"][0] is loaded["shared"][1]
@@ -251,4 +232,4 @@ def test_without_a_saving_process_the_per_save_paths_write_the_same_file(
         writer("snap.pt", str(tmp_path), state).result(timeout=120)
     finally:
         writer.finalize()
-    assert (tmp_path / "snap.pt").read_bytes() == _torch_bytes(state)
+    assert (tmp_path / "snap.pt").read_bytes() == torch_save_bytes(state)
