@@ -361,7 +361,9 @@ class ProcessQueueWriter(QueueWriter):
     A custom ``task`` runs in a long-lived consumer process
     (:class:`~snapwriter._process.ConsumerProcess`; the task, target, ``savefun`` and
     ``fs`` must pickle outside ``fork``); overriding ppe's hooks keeps ppe's queue
-    design. Either consumer that dies is replaced for the next save.
+    design. So does snapwriter's own save where there is no saving process (not Linux:
+    no memfd segments or pidfds), the staged target crossing the pipe. Either consumer
+    that dies is replaced for the next save.
 
     Args:
         mp_context: a :mod:`multiprocessing` context or start-method name.

@@ -380,7 +380,8 @@ class ProcessWriter(StandardWriter):
     target into shared segments (:mod:`snapwriter._shm`), each sent to the child once as
     one file descriptor; per save only ``data.pkl`` (pickled in the writer's background
     thread) and ``(segment, offset, nbytes)`` per storage cross the pipe, and the child
-    writes torch.save's very file with the usual atomic, durable commit.
+    writes torch.save's very file with the usual atomic, durable commit. Without memfd
+    segments and pidfds (not Linux), each save runs in a child process of its own.
 
     ``savefun`` and ``fs`` must pickle (a closure works only under ``fork``, where such a
     save falls back to a child forked for it). A subclass that overrides
