@@ -61,7 +61,7 @@ from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
 
-__all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive")
+__all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive", "write_records")
 
 _PROTOCOL = 2  # torch.save's default
 
@@ -223,19 +223,26 @@ def write_archive(f: IO[bytes], pickled: Pickled) -> None:
     Records in torch.save's order, through torch's own zip writer (storage bytes are
     copied and checksummed without holding the GIL).
     """
-    data = pickled.data
     alignment = str(torch.serialization._get_storage_alignment())
-    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), int(alignment))
+    records: list[tuple[str, bytes | torch.UntypedStorage]] = [
+        ("data.pkl", pickled.data),
+        (".format_version", b"1"),
+        (".storage_alignment", alignment.encode()),
+        ("byteorder", sys.byteorder.encode()),
+    ]
+    records += [(f"data/{key}", storage) for key, storage in pickled.storages]
+    write_records(f, records)
+
+
+def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
+    """Write ``records`` (name, bytes or storage), in order, as one archive of torch's
+    zip writer into the binary file ``f``, with torch.save's alignment and checksums."""
+    alignment = torch.serialization._get_storage_alignment()
+    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
     try:
-        writer.write_record("data.pkl", data, len(data))
-        for name, text in (
-            (".format_version", "1"),
-            (".storage_alignment", alignment),
-            ("byteorder", sys.byteorder),
-        ):
-            writer.write_record(name, text.encode(), len(text))
-        for key, storage in pickled.storages:
-            writer.write_record(f"data/{key}", storage, storage.nbytes())  # type: ignore[arg-type]
+        for name, value in records:
+            nbytes = value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
+            writer.write_record(name, value, nbytes)  # type: ignore[arg-type]
         writer.write_end_of_file()
     except BaseException:
         # Mark the archive finished before the writer is collected: its C++ destructor

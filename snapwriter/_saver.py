@@ -62,9 +62,9 @@ import torch.serialization
 
 from ._compat import register_at_fork
 from ._exceptions import ChildProcessFailure, SnapshotError
-from ._fastsave import Pickled, pickle_state, write_archive
+from ._fastsave import Pickled, pickle_state, write_archive, write_records
 from ._pool import device_tags
-from ._process import MpContext, _describe_exit, _track, _untrack, get_context
+from ._process import MpContext, _describe_exit, _send_outcome, _track, _untrack, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
 from ._shm import Location, Mappings, SharedMemory
 from ._transfer import _Pickler as _GraphPickler
@@ -213,18 +213,7 @@ def _write_pickled(target: Pickled, f: IO[bytes]) -> None:
 
 def _write_records(target: list[tuple[str, Any]], f: IO[bytes]) -> None:
     """Write the records torch.save wrote (recorded in the parent) as torch.save does."""
-    alignment = torch.serialization._get_storage_alignment()
-    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
-    try:
-        for name, value in target:
-            nbytes = value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
-            writer.write_record(name, value, nbytes)
-        writer.write_end_of_file()
-    except BaseException:
-        with contextlib.suppress(Exception):  # see write_archive
-            writer.write_end_of_file()
-        raise
-    f.flush()
+    write_records(f, target)
 
 
 class _ChildState:
@@ -258,16 +247,6 @@ class _ChildState:
         return SaveRequest(
             dest, target, rest["savefun"], rest["kwds"], append, fs, durable, list(tags)
         )
-
-
-def _reply(conn: Connection, kind: str, payload: Any) -> None:
-    try:
-        conn.send((kind, payload))
-    except Exception:  # the exception itself does not pickle: send its text
-        if not isinstance(payload, BaseException):
-            raise
-        text = "".join(traceback.format_exception(payload))
-        conn.send((kind, ChildProcessFailure(f"{type(payload).__name__}: {payload}\n{text}")))
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -307,7 +286,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
         try:
             message = pickle.loads(raw)
         except Exception as exc:  # a save whose savefun/fs does not unpickle here
-            _reply(
+            _send_outcome(
                 conn,
                 "error",
                 ChildProcessFailure(f"the saving process could not receive the save: {exc!r}"),
@@ -319,13 +298,13 @@ def serve(conn: Connection, parent_pid: int) -> None:
             _, seg_id, size = message
             state.maps.add(seg_id, reduction.recv_handle(conn), size)
             continue
-        _reply(conn, "started", None)
+        _send_outcome(conn, "started", None)
         try:
             outcome = execute_save_blocking(state.request(message[1]))
         except Exception as exc:
-            _reply(conn, "error", exc)
+            _send_outcome(conn, "error", exc)
         else:
-            _reply(conn, "ok", outcome)
+            _send_outcome(conn, "ok", outcome)
 
 
 def serve_fd(fd: int, parent_pid: int) -> None:

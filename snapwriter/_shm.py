@@ -235,11 +235,6 @@ class SharedMemory:
         with self._lock:
             return self._segments[seg_id]
 
-    def segment_ids(self) -> list[int]:
-        """The ids of every segment created so far."""
-        with self._lock:
-            return list(self._segments)
-
     def close(self) -> None:
         """Drop the allocator's segments: close their descriptors, forget their mappings
         (a mapping goes when the last storage carved from it goes). Idempotent."""
@@ -272,6 +267,3 @@ class Mappings:
         if nbytes == 0:
             return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
         return _storage_over(self._maps[seg_id], offset, nbytes)[0]
-
-    def __len__(self) -> int:
-        return len(self._maps)
