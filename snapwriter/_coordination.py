@@ -264,14 +264,7 @@ class _HashingSave:
 def _hash_while_writing(request: Any) -> _HashingSave | None:
     if request.append:
         return None
-    import torch
-
-    from ._fastsave import fast_torch_save
-
-    savefun = request.savefun
-    if savefun is torch.save and not request.kwds:
-        savefun = fast_torch_save  # what the save would have used (see _save.execute_save)
-    hashing = _HashingSave(savefun)
+    hashing = _HashingSave(request.writing_function())  # what the save would have used
     request.savefun = hashing
     return hashing
 

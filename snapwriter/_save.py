@@ -52,6 +52,17 @@ class SaveRequest:
     durable: bool = True
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
 
+    @property
+    def plain_torch_save(self) -> bool:
+        """Whether ``savefun`` is ``torch.save`` without keyword arguments: the file can
+        then be written by :func:`fast_torch_save` (the same bytes)."""
+        return self.savefun is torch.save and not self.kwds
+
+    def writing_function(self) -> Callable[..., Any]:
+        """What writes the file: :func:`fast_torch_save` in place of a plain ``torch.save``
+        (same file, less time holding the GIL), else ``savefun``."""
+        return fast_torch_save if self.plain_torch_save else self.savefun
+
     def __getstate__(self) -> dict[str, Any]:
         # Pickled only to reach another process: carry the target as torch.save sees it.
         state = dict(self.__dict__)
@@ -86,9 +97,7 @@ async def execute_save(request: SaveRequest) -> WriteOutcome:
         the temporary file removed (except with ``append=True``).
     """
     storage = Storage(request.fs, durable=request.durable)
-    savefun = request.savefun
-    if savefun is torch.save and not request.kwds:
-        savefun = fast_torch_save  # same file, less time holding the GIL
+    savefun = request.writing_function()
     start = time.perf_counter()
     with device_tags(request.device_tags):
         if request.append:

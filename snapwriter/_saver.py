@@ -183,7 +183,7 @@ def _prepare(request: SaveRequest, shm: SharedMemory) -> _Prepared:
         "durable": request.durable,
     }
     target = request.target
-    if request.savefun is torch.save and not request.kwds:
+    if request.plain_torch_save:
         with device_tags(request.device_tags):
             pickled = pickle_state(target)
             raw = None if pickled is not None else _torch_save_records(target)
