@@ -134,11 +134,11 @@ class Arena:
         self._use(key, staged)
         return staged
 
-    def take_back(self, staged: StagedStorage, pinned: bool) -> bool:
+    def take_back(self, staged: StagedStorage, nbytes: int, pinned: bool) -> bool:
         """Take ``staged`` (from :attr:`by_source`: the staged storage a source storage
-        was copied into by the previous staging call) again, if it is still free and
-        ``pinned`` as asked. The caller checks its size."""
-        if staged.pinned != pinned:
+        was copied into by the previous staging call) again, if it is still free and of
+        the size and kind asked."""
+        if staged.nbytes != nbytes or staged.pinned != pinned:
             return False
         key = (staged.nbytes, pinned)
         spare = self._spare.get(key)

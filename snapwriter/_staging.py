@@ -483,9 +483,11 @@ class _Walk:
         cls = type(t)
         if _dispatch_keys(t) == _PLAIN_CPU_KEYS:
             # dense strided CPU memory, neither quantized nor nested, no conj/neg bits
-            if cls is torch.Tensor or cls is torch.nn.Parameter:
-                return self._plain_tensor(t, cls, _NO_METADATA)
-            if _plain_subclass(cls) and _has_storage(t):
+            if (
+                cls is torch.Tensor
+                or cls is torch.nn.Parameter
+                or (_plain_subclass(cls) and _has_storage(t))
+            ):
                 return self._plain_tensor(t, cls, _NO_METADATA)
         elif (
             t.layout is torch.strided
@@ -516,7 +518,7 @@ class _Walk:
             nbytes = t.untyped_storage().nbytes()
             on_cuda = not t.is_cpu
             slot = self.by_source.get(cdata)
-            if slot is None or slot.nbytes != nbytes or not self.arena.take_back(slot, on_cuda):
+            if slot is None or not self.arena.take_back(slot, nbytes, on_cuda):
                 slot = self.arena.take(nbytes, on_cuda)
             self.storages[cdata] = slot
         if metadata:
