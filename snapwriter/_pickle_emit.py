@@ -45,6 +45,7 @@ import torch
 from ._gcpause import collector_paused
 from ._pool import staged_device
 from ._tensorstate import metadata_of
+from ._tensorstate import storage_address as _storage_address_of_tensor
 
 __all__ = (
     "CHECK_EVERY",
@@ -109,17 +110,6 @@ _GLOBALS: dict[int, bytes] = {
 }
 
 
-def _storage_address_of() -> Any:
-    """A function giving a tensor's untyped storage's ``_cdata`` without making the
-    storage object: torch's ``_storage_address`` where it agrees, else the slow way."""
-    fast = getattr(torch._C, "_storage_address", None)
-    probe = torch.zeros(4)
-    if fast is not None and fast(probe[1:]) == probe.untyped_storage()._cdata:
-        return fast
-    return lambda t: t.untyped_storage()._cdata
-
-
-_storage_address: Any = _storage_address_of()
 #: dtype -> (storage type, element size), for the dtypes a plain tensor may have here
 _DTYPES: dict[torch.dtype, tuple[Any, int]] = {
     dtype: (storage_type, dtype.itemsize)
@@ -260,7 +250,7 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
     op_u32 = _pack_op_u32
     dtypes = _DTYPES
     strided = _STRIDED
-    storage_address = _storage_address
+    storage_address = _storage_address_of_tensor
     memo: dict[int, int] = {}  # id -> memo index, for objects that stay alive
     n = 0  # next memo index
     keep: list[Any] = []  # transient objects whose ids are in the memo

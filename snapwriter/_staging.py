@@ -53,7 +53,7 @@ import torch
 from ._exceptions import StagingError
 from ._gcpause import collector_paused
 from ._pool import Allocator, Arena, StagedStorage, bytes_of
-from ._tensorstate import metadata_of, set_metadata, set_state, state_of
+from ._tensorstate import metadata_of, set_metadata, set_state, state_of, storage_address
 
 try:  # NumPy is optional.
     import numpy as _np
@@ -510,7 +510,7 @@ class _Walk:
         takes back its staged storage and the tensor built over it last time, and its
         copy is planned without another look at the source.
         """
-        cdata = _storage_address(t)
+        cdata = storage_address(t)
         geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         slot = self.storages.get(cdata)
         new_storage = slot is None
@@ -616,7 +616,6 @@ class _Walk:
 
 
 _has_storage: Callable[[torch.Tensor], bool] = getattr(torch._C, "_has_storage")  # noqa: B009
-_storage_address: Callable[[torch.Tensor], int] = getattr(torch._C, "_storage_address")  # noqa: B009
 _dispatch_keys: Callable[[torch.Tensor], Any] = getattr(torch._C, "_dispatch_keys")  # noqa: B009
 #: The dispatch keys of a dense CPU tensor without conj/neg bits (any dtype, with or
 #: without requires_grad, a view or not): one C call tells the common case apart.

@@ -14,13 +14,27 @@ from typing import Any
 import torch
 import torch._utils
 
-__all__ = ("metadata_of", "set_metadata", "set_state", "state_of")
+__all__ = ("metadata_of", "set_metadata", "set_state", "state_of", "storage_address")
 
 #: The C function itself (no Python frame): called once per tensor on hot paths.
 metadata_of: Callable[[torch.Tensor], dict[str, bool]] = getattr(  # noqa: B009
     torch._C, "_get_tensor_metadata"
 )
 _set_metadata: Any = getattr(torch._C, "_set_tensor_metadata")  # noqa: B009
+
+
+def _storage_address_of() -> Callable[[torch.Tensor], int]:
+    """A function giving a tensor's untyped storage's ``_cdata`` without making the
+    storage object: torch's ``_storage_address`` where it agrees, else the slow way."""
+    fast = getattr(torch._C, "_storage_address", None)
+    probe = torch.zeros(4)
+    if fast is not None and fast(probe[1:]) == probe.untyped_storage()._cdata:
+        return fast  # type: ignore[no-any-return]
+    return lambda t: t.untyped_storage()._cdata
+
+
+#: The ``_cdata`` of a tensor's untyped storage (what identifies the storage), cheaply.
+storage_address: Callable[[torch.Tensor], int] = _storage_address_of()
 _get_state: Any = torch._utils._get_obj_state
 _set_state: Any = torch._utils._set_obj_state
 
