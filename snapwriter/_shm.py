@@ -17,21 +17,21 @@ storage collected) is reused by the next allocation of the same aligned size; th
 :class:`~snapwriter._pool.Arena` already reuses staged storages by size, so a warm
 save of the same layout allocates nothing and sends no segment.
 
-Lifetime: each storage holds a reference to its segment's mapping (through the NumPy
-array its memory comes from), so a mapping lives as long as any storage carved from it,
+Lifetime: each storage holds a reference to its segment's mapping (through the
+memoryview its memory comes from), so a mapping lives as long as any storage carved from it,
 even after :meth:`SharedMemory.close` dropped the allocator's own references.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import threading
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ._pool import allocate_host
@@ -98,7 +98,7 @@ class Segment:
         if self.pinned or not torch.cuda.is_available():
             return
         with contextlib.suppress(Exception):
-            ptr = np.frombuffer(self.mapping, dtype=np.uint8).ctypes.data
+            ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
             torch.cuda.cudart().cudaHostRegister(ptr, self.size, 0)  # type: ignore[no-untyped-call]
             self.pinned = True
 
@@ -111,11 +111,12 @@ class Segment:
 
 def _storage_over(
     mapping: mmap.mmap, offset: int, nbytes: int
-) -> tuple[torch.UntypedStorage, np.ndarray]:
-    """An ``UntypedStorage`` of exactly ``nbytes`` over ``mapping[offset:]``, and the NumPy
-    array that owns it (the storage keeps the array, the array keeps the mapping)."""
-    array = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
-    return torch.from_numpy(array).untyped_storage(), array
+) -> tuple[torch.UntypedStorage, memoryview]:
+    """An ``UntypedStorage`` of exactly ``nbytes`` over ``mapping[offset:]``, and the
+    memoryview that owns it (the storage keeps the view until its memory is freed, the
+    view keeps the mapping). No NumPy: it is not one of snapwriter's dependencies."""
+    view = memoryview(mapping)[offset : offset + nbytes]
+    return torch.frombuffer(view, dtype=torch.uint8).untyped_storage(), view
 
 
 class SharedMemory:
@@ -161,11 +162,11 @@ class SharedMemory:
             segment, offset = self._block(size)
             if pinned:
                 segment.pin()
-            storage, array = _storage_over(segment.mapping, offset, nbytes)
+            storage, owner = _storage_over(segment.mapping, offset, nbytes)
             ptr = storage.data_ptr()
             self._where[ptr] = (segment.id, offset, nbytes)
             self.stats.blocks += 1
-        weakref.finalize(array, self._release, ptr, segment.id, offset, size).atexit = False
+        weakref.finalize(owner, self._release, ptr, segment.id, offset, size).atexit = False
         return storage
 
     def _block(self, size: int) -> tuple[Segment, int]:

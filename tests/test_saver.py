@@ -233,3 +233,26 @@ def test_without_a_saving_process_the_per_save_paths_write_the_same_file(
     finally:
         writer.finalize()
     assert (tmp_path / "snap.pt").read_bytes() == torch_save_bytes(state)
+
+
+def test_shared_staging_needs_no_numpy(tmp_path: Path) -> None:
+    """NumPy is not a dependency: without it snapwriter imports, and a process writer
+    stages into shared memory and writes torch.save's file."""
+    code = """
+        import io, sys
+        sys.modules["numpy"] = None  # as if NumPy were not installed
+        import torch, snapwriter
+        state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5), "step": 7}
+        writer = snapwriter.ProcessWriter(out_dir=sys.argv[1], mp_context="fork")
+        writer("snap.pt", sys.argv[1], state).result(timeout=120)
+        assert writer.saver_stats().blocks == 2, writer.saver_stats()
+        writer.finalize()
+        ref = io.BytesIO()
+        torch.save(state, ref)
+        with open(sys.argv[1] + "/snap.pt", "rb") as f:
+            assert f.read() == ref.getvalue()
+        print("same file")
+    """
+    proc = run_python(code, str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "same file" in proc.stdout
