@@ -39,6 +39,7 @@ from .harness import (
     saving_children,
     temps_in,
     wait_dead,
+    wait_group_gone,
 )
 
 KINDS = list(faultlib.WRITERS)
@@ -108,6 +109,10 @@ def test_timed_kills(kind, zygote, work, long_run, fault_seed, fault_stats, reap
         outcome = child.wait(60)
         where = f"{kind} point {i} (delay {delay * 1000:.1f} ms of {span * 1000:.0f}, seed {seed})"
         assert not outcome.timed_out, f"{where}: {outcome.describe()}"
+        # A killed saving process may still be in an fsync (uninterruptible): until it is
+        # gone its temporary file is rightly kept. The next point's writer starts after.
+        survivors = wait_group_gone(child.pid, 60)
+        assert not survivors, f"{where}: processes of the killed group still run: {survivors}"
         stats["tried"] += 1
         if outcome.signal == signal.SIGKILL:
             stats["killed"] += 1
