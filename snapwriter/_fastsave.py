@@ -45,7 +45,7 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.serialization
@@ -60,6 +60,9 @@ from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
 from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
+
+if TYPE_CHECKING:
+    from ._layout import Layout
 
 __all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive", "write_records")
 
@@ -254,17 +257,23 @@ def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedSt
     f.flush()
 
 
-def fast_torch_save(obj: Any, f: IO[bytes]) -> None:
+def fast_torch_save(obj: Any, f: IO[bytes], *, layout: Layout | None = None) -> None:
     """Save ``obj`` to the binary file ``f``: the same bytes ``torch.save(obj, f)`` writes.
 
     See the module docstring for what takes the fast path and what falls back to
     ``torch.save``. Threading: safe to call from any thread; holds the GIL while
     pickling (handing it over every few tensors), not while copying storage bytes.
 
+    Args:
+        obj: what to save.
+        f: a binary file object.
+        layout: the layout staging made for ``obj`` (:mod:`snapwriter._layout`): its
+            ``data.pkl`` is reused when it repeats the previous save's.
+
     Raises:
         Whatever ``torch.save`` raises for ``obj`` (the fallback runs it).
     """
-    pickled = pickle_state(obj)
+    pickled = layout.pickle(obj) if layout is not None else pickle_state(obj)
     if pickled is None:
         torch.save(obj, f)
         return

@@ -121,6 +121,8 @@ class Arena:
         self.by_source: dict[int, StagedStorage] = {}
         self.allocations = 0
         self.generation = 0
+        #: the previous save's layout (a snapwriter._layout.LayoutMemory, set by the Stager)
+        self.layout: Any = None
 
     def take(self, nbytes: int, pinned: bool) -> StagedStorage:
         """A staged storage of exactly ``nbytes`` bytes (pinned host memory if asked)."""

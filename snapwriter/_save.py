@@ -8,6 +8,7 @@ loop run it through :func:`execute_save_blocking`, which starts a private loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._fastsave import fast_torch_save
+from ._fastsave import Pickled, fast_torch_save, pickle_state
+from ._layout import Layout
 from ._paths import Destination
 from ._pool import device_tags
 from ._portal import DaemonExecutor
@@ -41,6 +43,8 @@ class SaveRequest:
         durable: ``fsync`` the file and the directory.
         device_tags: source devices of storages staged from CUDA tensors, recorded
             in the file while writing (see :func:`snapwriter._pool.device_tags`).
+        layout: the staged target's layout (:mod:`snapwriter._layout`): its
+            ``data.pkl`` when it repeats the previous save's; stays in this process.
     """
 
     dest: Destination
@@ -51,6 +55,7 @@ class SaveRequest:
     fs: Any = None
     durable: bool = True
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
+    layout: Layout | None = None
 
     @property
     def plain_torch_save(self) -> bool:
@@ -61,13 +66,26 @@ class SaveRequest:
     def writing_function(self) -> Callable[..., Any]:
         """What writes the file: :func:`fast_torch_save` in place of a plain ``torch.save``
         (same file, less time holding the GIL), else ``savefun``."""
-        return fast_torch_save if self.plain_torch_save else self.savefun
+        if not self.plain_torch_save:
+            return self.savefun
+        if self.layout is None:
+            return fast_torch_save
+        return functools.partial(fast_torch_save, layout=self.layout)
+
+    def pickle_target(self) -> Pickled | None:
+        """``data.pkl`` and the storage records of a plain ``torch.save`` of the target
+        (reused from the previous save when its layout repeats), or None when only
+        ``torch.save`` itself can write it. Holds the GIL while pickling."""
+        if self.layout is not None:
+            return self.layout.pickle(self.target)
+        return pickle_state(self.target)
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled only to reach another process: carry the target as torch.save sees it.
         state = dict(self.__dict__)
         state["target"] = encode((self.target, self.device_tags))
         del state["device_tags"]
+        state["layout"] = None  # its storages are this process's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -26,7 +26,8 @@ the zygote's child; the zygote reaps it and reports its exit status).
 (``SCM_RIGHTS``), which the child maps and closes: the trainer holds one descriptor per
 segment, a pidfd and a socket per saver; the saver none per segment. Per save, the
 parent pickles the staged state *in the writer's background thread* with
-:func:`~snapwriter._fastsave.pickle_state` and sends ``data.pkl``'s bytes (or "same as
+:func:`~snapwriter._fastsave.pickle_state` (not at all when its layout repeats the
+previous save's: :mod:`snapwriter._layout`) and sends ``data.pkl``'s bytes (or "same as
 the previous save" when unchanged), one ``(key, segment, offset, nbytes)`` per storage
 record and the destination; the child
 writes the archive with :func:`~snapwriter._fastsave.write_archive` and commits it with
@@ -62,7 +63,7 @@ import torch.serialization
 
 from ._compat import register_at_fork
 from ._exceptions import ChildProcessFailure, SnapshotError
-from ._fastsave import Pickled, pickle_state, write_archive, write_records
+from ._fastsave import Pickled, write_archive, write_records
 from ._pool import device_tags
 from ._process import MpContext, _describe_exit, _send_outcome, _track, _untrack, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
@@ -185,7 +186,7 @@ def _prepare(request: SaveRequest, shm: SharedMemory) -> _Prepared:
     target = request.target
     if request.plain_torch_save:
         with device_tags(request.device_tags):
-            pickled = pickle_state(target)
+            pickled = request.pickle_target()
             raw = None if pickled is not None else _torch_save_records(target)
         if pickled is not None:
             records = [(key, where(storage)) for key, storage in pickled.storages]

@@ -39,6 +39,7 @@ import copy
 import copyreg
 import io
 import pickle
+import struct
 import threading
 import time
 import types
@@ -52,6 +53,9 @@ import torch
 
 from ._exceptions import StagingError
 from ._gcpause import collector_paused
+from ._layout import Layout, LayoutMemory
+from ._pickle_emit import CPU as _CPU_TAG
+from ._pickle_emit import STORAGE_TAG as _STORAGE_TAG
 from ._pool import Allocator, Arena, StagedStorage, bytes_of
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of, storage_address
 
@@ -97,6 +101,13 @@ _BY_NAME: tuple[type, ...] = (
 #: A planned copy: destination, source, whether the source is on a CUDA device.
 _Copy = tuple[torch.Tensor, torch.Tensor, bool]
 
+# Layout tokens (see snapwriter._layout): markers that no user value can equal.
+_DICT, _ODICT, _LIST, _TUPLE, _TENSOR, _REF, _TRUE, _FALSE = (object() for _ in range(8))
+_pack_double = struct.Struct(">d").pack
+#: Strings the serializer itself puts in data.pkl: a user string that is the very same
+#: object pickles as a memo reference to it, so the token records that identity too.
+_SERIALIZER_STRINGS = frozenset({_STORAGE_TAG, _CPU_TAG})
+
 
 @dataclass
 class StagedTarget:
@@ -108,12 +119,15 @@ class StagedTarget:
         seconds: wall time the call spent staging.
         device_tags: ``(staged storage, "cuda:N")`` for every storage staged from a
             CUDA tensor, for :func:`snapwriter._pool.device_tags` while writing.
+        layout: makes (or, when the layout repeats the arena's previous save, already
+            holds) ``data.pkl`` of ``value``; see :mod:`snapwriter._layout`.
     """
 
     value: Any
     tensor_bytes: int = 0
     seconds: float = 0.0
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
+    layout: Layout | None = None
     _events: list[Any] = field(default_factory=list)
     _arena: Arena | None = None
 
@@ -189,11 +203,16 @@ class Stager:
         arena.finish(walk.storages)
         with self._lock:
             self.allocations += arena.allocations - allocated_before
+        memory = arena.layout
+        if memory is None:
+            memory = arena.layout = LayoutMemory()
+        slots = walk.storages.values()
         return StagedTarget(
             value=value,
-            tensor_bytes=sum(slot.nbytes for slot in walk.storages.values()),
+            tensor_bytes=sum(slot.nbytes for slot in slots),
             seconds=time.perf_counter() - start,
             device_tags=walk.device_tags,
+            layout=memory.layout(walk.tokens, [slot.storage for slot in slots]),
             _events=events,
             _arena=arena,
         )
@@ -298,6 +317,11 @@ class _Walk:
         self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
         self._torch_memo: dict[int, torch.UntypedStorage] = {}
         self.memo["torch"] = self._torch_memo
+        #: the layout (snapwriter._layout): None once the graph holds anything else
+        self.tokens: list[Any] | None = []
+        self._first: dict[int, int] = {}  # id of a container/tuple/tensor -> its token
+        self._strings: dict[int, int] = {}  # id of a string -> its index
+        self._storage_index: dict[int, int] = {}  # staged storages, in staging order
         self._dispatch: dict[type, Callable[[Any], Any]] = {
             dict: self._dict,
             collections.OrderedDict: self._ordered_dict,
@@ -313,14 +337,23 @@ class _Walk:
         """The staged copy of ``obj`` (memoised)."""
         cls = type(obj)
         if cls in _ATOMIC:
+            if self.tokens is not None:
+                self._atom(obj)
             return obj
         key = id(obj)
         done = self.memo.get(key, _MISSING)
         if done is not _MISSING:
+            if self.tokens is not None:
+                first = self._first.get(key)
+                if first is None:
+                    self.tokens = None
+                else:
+                    self.tokens.append((_REF, first))
             return done
         copier = self._dispatch.get(cls)
         if copier is not None:
             return copier(obj)
+        self.tokens = None  # outside the fast serializer's graphs: no layout reuse
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj)
         if issubclass(cls, _BY_NAME):
@@ -328,6 +361,39 @@ class _Walk:
         if _np is not None and cls is _np.ndarray and not obj.dtype.hasobject:
             return self._array(obj)
         return self._object(obj)
+
+    # -- layout tokens (snapwriter._layout) -------------------------------------------
+
+    def _atom(self, value: Any) -> None:
+        """Append the token of an immutable value (switch tokens off for other kinds)."""
+        tokens = self.tokens
+        assert tokens is not None
+        cls = type(value)
+        if cls is str:
+            index = self._strings.get(id(value))
+            if index is not None:
+                tokens.append((index,))
+                return
+            self._strings[id(value)] = len(self._strings)
+            if value in _SERIALIZER_STRINGS:
+                tokens.append((value, value is _STORAGE_TAG, value is _CPU_TAG))
+            else:
+                tokens.append(value)
+        elif cls is int or value is None:
+            tokens.append(value)
+        elif cls is float:
+            tokens.append(_pack_double(value))
+        elif cls is bool:
+            tokens.append(_TRUE if value else _FALSE)
+        else:
+            self.tokens = None
+
+    def _open(self, marker: object, obj: Any) -> None:
+        """Append the token of a container met for the first time."""
+        tokens = self.tokens
+        if tokens is not None:
+            self._first[id(obj)] = len(tokens)
+            tokens.append((marker, len(obj)))
 
     def _remember(self, original: Any, copied: Any) -> None:
         self.memo[id(original)] = copied
@@ -339,6 +405,7 @@ class _Walk:
         """A plain dict: rebuilt key by key (memoised first, so it may contain itself)."""
         out: dict[Any, Any] = {}
         self._remember(obj, out)
+        self._open(_DICT, obj)
         self._fill(out, obj)
         return out
 
@@ -347,6 +414,9 @@ class _Walk:
         empty one with the instance's attributes (``_metadata``) and then the items."""
         out: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._remember(obj, out)
+        self._open(_ODICT, obj)
+        if self.tokens is not None:
+            self.tokens.append(bool(obj.__dict__))
         if obj.__dict__:
             out.__dict__.update(self.stage(obj.__dict__))
         self._fill(out, obj)
@@ -356,11 +426,30 @@ class _Walk:
         """Put the staged items of ``obj`` into ``out``, in order (plain tensors, the
         common value, without a trip through :meth:`stage`)."""
         stage, tensor, memo = self.stage, self._tensor, self.memo
+        if self.tokens is None:
+            for k, v in obj.items():
+                if type(k) not in _ATOMIC:
+                    k = stage(k)
+                vcls = type(v)
+                if vcls in _ATOMIC:
+                    out[k] = v
+                elif vcls is torch.Tensor and id(v) not in memo:
+                    out[k] = tensor(v)
+                else:
+                    out[k] = stage(v)
+            return
+        # the same, with the layout's tokens (stage() adds its own)
+        atom = self._atom
         for k, v in obj.items():
-            if type(k) not in _ATOMIC:
+            if type(k) in _ATOMIC:
+                if self.tokens is not None:
+                    atom(k)
+            else:
                 k = stage(k)
             vcls = type(v)
             if vcls in _ATOMIC:
+                if self.tokens is not None:
+                    atom(v)
                 out[k] = v
             elif vcls is torch.Tensor and id(v) not in memo:
                 out[k] = tensor(v)
@@ -371,12 +460,27 @@ class _Walk:
         """A plain list: rebuilt item by item (memoised first, so it may contain itself)."""
         out: list[Any] = []
         self._remember(obj, out)
+        self._open(_LIST, obj)
         stage = self.stage
         out.extend(stage(v) for v in obj)
         return out
 
     def _tuple(self, obj: tuple[Any, ...]) -> tuple[Any, ...]:
         """A tuple: kept when nothing in it changed, as deepcopy does (same identities)."""
+        tokens = self.tokens
+        if tokens is not None:
+            first = self._first.get(id(obj))
+            if first is not None:  # the same tuple again: pickle writes a memo reference
+                tokens.append((_REF, first))
+                self.tokens = None  # its items were tokenised the first time
+                try:
+                    return self._tuple_items(obj)
+                finally:
+                    self.tokens = tokens
+            self._open(_TUPLE, obj)
+        return self._tuple_items(obj)
+
+    def _tuple_items(self, obj: tuple[Any, ...]) -> tuple[Any, ...]:
         items = [self.stage(v) for v in obj]
         done = self.memo.get(id(obj), _MISSING)
         if done is not _MISSING:  # reached again through a cycle while copying its items
@@ -391,6 +495,7 @@ class _Walk:
         """A set: ``copy()`` of it (a frozenset: itself) when its items are unchanged by
         staging, which keeps its hash table and so the order pickle writes the items in;
         otherwise rebuilt from the staged items."""
+        self.tokens = None  # the fast serializer does not take sets
         items = [self.stage(v) for v in obj]
         out: set[Any] | frozenset[Any]
         if all(a is b for a, b in zip(items, obj, strict=True)):
@@ -535,6 +640,8 @@ class _Walk:
                 self.copies.append((out, t, False))  # as planned last time: see _plan_copy
             else:
                 self._plan_copy(slot, t, out, geometry, metadata)
+        if self.tokens is not None:
+            self._tensor_token(t, cls, cdata, slot, new_storage, geometry, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
             out = torch.Tensor._make_subclass(cls, out, t.requires_grad)
@@ -546,8 +653,41 @@ class _Walk:
             return out
         state = state_of(t)
         if state:
+            self.tokens = None  # tensors with attributes: torch.save writes those
             set_state(out, self.stage(state))
         return out
+
+    def _tensor_token(
+        self,
+        t: torch.Tensor,
+        cls: type,
+        cdata: int,
+        slot: StagedStorage,
+        new_storage: bool,
+        geometry: Any,
+        metadata: dict[str, bool],
+    ) -> None:
+        """Append the layout token of a plain tensor (switch tokens off for subclasses)."""
+        tokens = self.tokens
+        assert tokens is not None
+        if cls is not torch.Tensor and cls is not torch.nn.Parameter:
+            self.tokens = None
+            return
+        if new_storage:
+            index = self._storage_index[cdata] = len(self._storage_index)
+            # the storage's record: its size and the device pickled as its location
+            storage: Any = (index, slot.nbytes, t.device.index if slot.pinned else None)
+        else:
+            storage = self._storage_index.get(cdata)
+            if storage is None:
+                self.tokens = None
+                return
+        self._first[id(t)] = len(tokens)
+        if metadata:
+            conj_neg = tuple(sorted(metadata.items()))
+            tokens.append((_TENSOR, cls, geometry, t.requires_grad, storage, conj_neg))
+        else:
+            tokens.append((_TENSOR, cls, geometry, t.requires_grad, storage))
 
     def _plan_copy(
         self,
@@ -584,6 +724,7 @@ class _Walk:
         A clone is a dense copy; a quantized view whose storage it would not reproduce
         (an offset, a bigger storage, strides clone cannot keep) is copied by torch.save.
         """
+        self.tokens = None  # torch.save writes quantized tensors
         out = t.clone(memory_format=torch.preserve_format)
         if (
             out.stride() != t.stride()
@@ -603,6 +744,7 @@ class _Walk:
         subclass state (and shares storages through the memo); where it refuses (nested
         tensors, non-leaf tensors requiring grad), ``torch.save`` itself copies the tensor.
         """
+        self.tokens = None  # torch.save writes these
         # torch's __deepcopy__ of a tensor over a staged CPU storage reuses the copy
         for cdata, slot in self.storages.items():
             if slot.storage.device.type == "cpu":

@@ -207,6 +207,7 @@ class StandardWriter(Writer):
                 staged = self._stager.stage(target, check_pickle=request.savefun is torch.save)
                 request.target = staged.value
                 request.device_tags = staged.device_tags
+                request.layout = staged.layout
             job = _Job(
                 request=request,
                 filename=worker_filename(self.out_dir, request.dest),
