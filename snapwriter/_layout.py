@@ -30,6 +30,7 @@ kind of change that must not reuse it).
 
 from __future__ import annotations
 
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,9 @@ __all__ = ("Layout", "LayoutMemory")
 @dataclass
 class _Remembered:
     tokens: list[Any]
-    data: bytes
     order: list[int]  # for each storage record, in file order: its index in staging order
+    pickled: Pickled
+    storages: list[torch.UntypedStorage]  # in staging order
 
 
 class LayoutMemory:
@@ -60,22 +62,47 @@ class LayoutMemory:
         self._last: _Remembered | None = None
         self.hits = 0
 
-    def layout(self, tokens: list[Any] | None, storages: list[torch.UntypedStorage]) -> Layout:
-        """The :class:`Layout` of a staging call that made ``tokens`` (None: switched off)
-        and staged ``storages`` (in staging order)."""
+    def layout(
+        self,
+        tokens: list[Any] | None,
+        strings: list[str],
+        storages: list[torch.UntypedStorage],
+    ) -> Layout:
+        """The :class:`Layout` of a staging call that made ``tokens`` (None: switched off),
+        met ``strings`` (in order, the serializer's own first) and staged ``storages``
+        (in staging order)."""
         hit = None
+        if tokens is not None:
+            # pickle memoises strings by identity: each string's first occurrence
+            first: dict[int, int] = {}
+            tokens.append([first.setdefault(id(s), i) for i, s in enumerate(strings)])
         with self._lock:
             last = self._last
             if tokens is not None and last is not None and last.tokens == tokens:
-                hit = Pickled(last.data, [(str(i), storages[j]) for i, j in enumerate(last.order)])
+                if len(storages) == len(last.storages) and all(
+                    map(operator.is_, storages, last.storages)
+                ):
+                    hit = last.pickled  # warm: the very same staged storages
+                else:
+                    hit = Pickled(
+                        last.pickled.data,
+                        [(str(i), storages[j]) for i, j in enumerate(last.order)],
+                    )
+                    self._last = _Remembered(tokens, last.order, hit, storages)
                 self.hits += 1
             elif tokens is None:
                 self._last = None
         return Layout(self, tokens, storages, hit)
 
-    def remember(self, tokens: list[Any], data: bytes, order: list[int]) -> None:
+    def remember(
+        self,
+        tokens: list[Any],
+        order: list[int],
+        pickled: Pickled,
+        storages: list[torch.UntypedStorage],
+    ) -> None:
         with self._lock:
-            self._last = _Remembered(tokens, data, order)
+            self._last = _Remembered(tokens, order, pickled, storages)
 
     def forget(self) -> None:
         with self._lock:
@@ -120,6 +147,6 @@ class Layout:
         if -1 in order or len(order) != len(index):
             self._memory.forget()  # storages the walk did not stage: not reusable
         else:
-            self._memory.remember(self._tokens, pickled.data, order)
+            self._memory.remember(self._tokens, order, pickled, self._storages)
         self._pickled = pickled
         return pickled

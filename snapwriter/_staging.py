@@ -102,11 +102,14 @@ _BY_NAME: tuple[type, ...] = (
 _Copy = tuple[torch.Tensor, torch.Tensor, bool]
 
 # Layout tokens (see snapwriter._layout): markers that no user value can equal.
+# Tokens are appended flat (markers followed by fields), so that a layout adds no
+# objects for the collector to track beyond the list itself.
 _DICT, _ODICT, _LIST, _TUPLE, _TENSOR, _REF, _TRUE, _FALSE = (object() for _ in range(8))
+_STORAGE_NEW, _STORAGE_AGAIN, _CONJ_NEG = (object() for _ in range(3))
 _pack_double = struct.Struct(">d").pack
 #: Strings the serializer itself puts in data.pkl: a user string that is the very same
-#: object pickles as a memo reference to it, so the token records that identity too.
-_SERIALIZER_STRINGS = frozenset({_STORAGE_TAG, _CPU_TAG})
+#: object pickles as a memo reference to it, so they open every layout's string list.
+_SERIALIZER_STRINGS = (_STORAGE_TAG, _CPU_TAG)
 
 
 @dataclass
@@ -196,6 +199,16 @@ class Stager:
                     events = self._copy(walk.copies)
                 except Exception as exc:
                     raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
+                # Drop the walk's per-tensor bookkeeping before the collector is back on:
+                # alive then, it would be moved to the old generation and make the next
+                # full collection (a pass over every object of the process) come sooner.
+                walk.copies = []
+                memory = arena.layout
+                if memory is None:
+                    memory = arena.layout = LayoutMemory()
+                slots = walk.storages.values()
+                layout = memory.layout(walk.tokens, walk.strings, [slot.storage for slot in slots])
+                walk.forget()
             except BaseException:
                 arena.finish()
                 self.release_arena(arena)
@@ -203,16 +216,12 @@ class Stager:
         arena.finish(walk.storages)
         with self._lock:
             self.allocations += arena.allocations - allocated_before
-        memory = arena.layout
-        if memory is None:
-            memory = arena.layout = LayoutMemory()
-        slots = walk.storages.values()
         return StagedTarget(
             value=value,
             tensor_bytes=sum(slot.nbytes for slot in slots),
             seconds=time.perf_counter() - start,
             device_tags=walk.device_tags,
-            layout=memory.layout(walk.tokens, [slot.storage for slot in slots]),
+            layout=layout,
             _events=events,
             _arena=arena,
         )
@@ -320,7 +329,8 @@ class _Walk:
         #: the layout (snapwriter._layout): None once the graph holds anything else
         self.tokens: list[Any] | None = []
         self._first: dict[int, int] = {}  # id of a container/tuple/tensor -> its token
-        self._strings: dict[int, int] = {}  # id of a string -> its index
+        #: every string met, in order (values are in the tokens; identities from these)
+        self.strings: list[str] = list(_SERIALIZER_STRINGS)
         self._storage_index: dict[int, int] = {}  # staged storages, in staging order
         self._dispatch: dict[type, Callable[[Any], Any]] = {
             dict: self._dict,
@@ -332,6 +342,15 @@ class _Walk:
             torch.Tensor: self._tensor,
             torch.nn.Parameter: self._tensor,
         }
+
+    def forget(self) -> None:
+        """Drop what only the walk itself needed (memo, tokens, indexes)."""
+        self.memo = {}
+        self.keep = []
+        self.tokens = None
+        self._first = {}
+        self.strings = []
+        self._storage_index = {}
 
     def stage(self, obj: Any) -> Any:
         """The staged copy of ``obj`` (memoised)."""
@@ -348,7 +367,7 @@ class _Walk:
                 if first is None:
                     self.tokens = None
                 else:
-                    self.tokens.append((_REF, first))
+                    self.tokens += (_REF, first)
             return done
         copier = self._dispatch.get(cls)
         if copier is not None:
@@ -370,15 +389,8 @@ class _Walk:
         assert tokens is not None
         cls = type(value)
         if cls is str:
-            index = self._strings.get(id(value))
-            if index is not None:
-                tokens.append((index,))
-                return
-            self._strings[id(value)] = len(self._strings)
-            if value in _SERIALIZER_STRINGS:
-                tokens.append((value, value is _STORAGE_TAG, value is _CPU_TAG))
-            else:
-                tokens.append(value)
+            tokens.append(value)
+            self.strings.append(value)
         elif cls is int or value is None:
             tokens.append(value)
         elif cls is float:
@@ -393,7 +405,7 @@ class _Walk:
         tokens = self.tokens
         if tokens is not None:
             self._first[id(obj)] = len(tokens)
-            tokens.append((marker, len(obj)))
+            tokens += (marker, len(obj))
 
     def _remember(self, original: Any, copied: Any) -> None:
         self.memo[id(original)] = copied
@@ -439,9 +451,14 @@ class _Walk:
                     out[k] = stage(v)
             return
         # the same, with the layout's tokens (stage() adds its own)
-        atom = self._atom
+        atom, strings = self._atom, self.strings
         for k, v in obj.items():
-            if type(k) in _ATOMIC:
+            kcls = type(k)
+            if kcls is str:
+                if self.tokens is not None:
+                    self.tokens.append(k)
+                    strings.append(k)
+            elif kcls in _ATOMIC:
                 if self.tokens is not None:
                     atom(k)
             else:
@@ -471,7 +488,7 @@ class _Walk:
         if tokens is not None:
             first = self._first.get(id(obj))
             if first is not None:  # the same tuple again: pickle writes a memo reference
-                tokens.append((_REF, first))
+                tokens += (_REF, first)
                 self.tokens = None  # its items were tokenised the first time
                 try:
                     return self._tuple_items(obj)
@@ -673,21 +690,23 @@ class _Walk:
         if cls is not torch.Tensor and cls is not torch.nn.Parameter:
             self.tokens = None
             return
+        self._first[id(t)] = len(tokens)
+        # flat: sizes and strides as ints, no tuple kept alive for the collector to track
+        dtype, offset, size, stride = geometry
+        tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride, t.requires_grad)
         if new_storage:
-            index = self._storage_index[cdata] = len(self._storage_index)
+            self._storage_index[cdata] = len(self._storage_index)
             # the storage's record: its size and the device pickled as its location
-            storage: Any = (index, slot.nbytes, t.device.index if slot.pinned else None)
+            device = t.device.index if slot.pinned else None
+            tokens += (_STORAGE_NEW, slot.nbytes, device)
         else:
-            storage = self._storage_index.get(cdata)
-            if storage is None:
+            index = self._storage_index.get(cdata)
+            if index is None:
                 self.tokens = None
                 return
-        self._first[id(t)] = len(tokens)
+            tokens += (_STORAGE_AGAIN, index)
         if metadata:
-            conj_neg = tuple(sorted(metadata.items()))
-            tokens.append((_TENSOR, cls, geometry, t.requires_grad, storage, conj_neg))
-        else:
-            tokens.append((_TENSOR, cls, geometry, t.requires_grad, storage))
+            tokens += (_CONJ_NEG, str(sorted(metadata.items())))
 
     def _plan_copy(
         self,
