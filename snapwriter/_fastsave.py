@@ -41,9 +41,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import os
 import pickle
+import stat
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -237,15 +241,50 @@ def write_archive(f: IO[bytes], pickled: Pickled) -> None:
     write_records(f, records)
 
 
+#: From this many records on, :func:`write_records` has torch's writer open the file
+#: itself (see :func:`_named_archive`) rather than call ``f.write`` from C++.
+BY_NAME_MIN_RECORDS = 64
+
+
 def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
     """Write ``records`` (name, bytes or storage), in order, as one archive of torch's
-    zip writer into the binary file ``f``, with torch.save's alignment and checksums."""
+    zip writer into the binary file ``f``, with torch.save's alignment and checksums.
+
+    Given a file object, torch's writer calls back into Python for every piece it
+    writes (about seven per record), taking the GIL each time: with tens of thousands
+    of records that stalls a training loop whose torch ops release the GIL. So for
+    many records on a local, empty, regular file, the writer opens the file itself
+    through a path named ``archive`` (the name torch derives the archive's record
+    prefix from, as for a file object) and writes without the GIL; the bytes are the
+    same. torch reports a failed write there without the OS error: the archive is then
+    written again through ``f``, which either succeeds (a complete file) or raises the
+    ``OSError`` itself.
+    """
+    if len(records) >= BY_NAME_MIN_RECORDS:
+        with _named_archive(f) as name:
+            if name is not None:
+                try:
+                    _write_with(_file_writer(name), records)
+                except RuntimeError:
+                    f.seek(0)
+                    f.truncate()
+                else:
+                    f.seek(0, os.SEEK_END)
+                    return
+    _write_with(_file_writer(f), records)
+    f.flush()
+
+
+def _file_writer(f: IO[bytes] | str) -> Any:
     alignment = torch.serialization._get_storage_alignment()
-    writer = torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
+    return torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
+
+
+def _write_with(writer: Any, records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
     try:
         for name, value in records:
             nbytes = value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
-            writer.write_record(name, value, nbytes)  # type: ignore[arg-type]
+            writer.write_record(name, value, nbytes)
         writer.write_end_of_file()
     except BaseException:
         # Mark the archive finished before the writer is collected: its C++ destructor
@@ -254,7 +293,47 @@ def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedSt
         with contextlib.suppress(Exception):
             writer.write_end_of_file()
         raise
-    f.flush()
+    finally:
+        del writer  # a writer that opened the file closes it now
+
+
+_FD_DIR = "/proc/self/fd"
+
+
+@contextlib.contextmanager
+def _named_archive(f: IO[bytes]) -> Iterator[str | None]:
+    """A path named ``archive`` that opens ``f``'s own file (a symbolic link to
+    ``/proc/self/fd/N`` in a private temporary directory, removed afterwards), or None
+    where that cannot be had: no ``/proc``, not a regular local file, not empty or not
+    at its start (``append=True``), or no temporary directory."""
+    name = None
+    try:
+        fd = f.fileno()
+        info = os.fstat(fd)
+        if (
+            stat.S_ISREG(info.st_mode)
+            and info.st_size == 0
+            and f.tell() == 0
+            and "a" not in getattr(f, "mode", "a")
+            and os.path.isdir(_FD_DIR)
+        ):
+            directory = tempfile.mkdtemp(prefix="snapwriter-archive-")
+            name = os.path.join(directory, "archive")
+            try:
+                os.symlink(f"{_FD_DIR}/{fd}", name)
+            except OSError:
+                os.rmdir(directory)
+                raise
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        name = None
+    try:
+        yield name
+    finally:
+        if name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(name))
 
 
 def fast_torch_save(obj: Any, f: IO[bytes], *, layout: Layout | None = None) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
+import os
 import pickle
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 import pytest
 import torch
 
-from snapwriter._fastsave import _Pickler, fast_torch_save
+from snapwriter._fastsave import BY_NAME_MIN_RECORDS, _Pickler, fast_torch_save
 from snapwriter._staging import Stager
 from tests.conftest import assert_same, make_state
 
@@ -157,7 +162,6 @@ def test_loaded_tensors_do_not_share_hook_tables() -> None:
 
 def test_write_failure_raises_and_never_aborts_the_process() -> None:
     """A disk-full error in the middle must surface as OSError, not abort in a destructor."""
-    import errno
     import gc
 
     class Full(io.RawIOBase):
@@ -177,3 +181,69 @@ def test_write_failure_raises_and_never_aborts_the_process() -> None:
     with pytest.raises(OSError, match="No space"):
         fast_torch_save(state, Full())  # type: ignore[arg-type]
     gc.collect()  # the writer's destructor runs here: the process must survive it
+
+
+def _many_records() -> dict[str, torch.Tensor]:
+    return {f"t{i}": torch.full((4,), float(i)) for i in range(BY_NAME_MIN_RECORDS + 10)}
+
+
+def _archive_dirs() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("snapwriter-archive-")}
+
+
+def test_many_records_written_by_name_are_torch_save_bytes(tmp_path: Any) -> None:
+    """Past BY_NAME_MIN_RECORDS torch's writer opens the file itself: same bytes, the
+    file object left at the end, no private directory left behind."""
+    state = _many_records()
+    before = _archive_dirs()
+    path = tmp_path / "s.pt"
+    with open(path, "wb") as f:
+        fast_torch_save(state, f)
+        assert f.tell() == path.stat().st_size
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert path.read_bytes() == buffer.getvalue()
+    assert _archive_dirs() == before
+
+
+def test_many_records_appended_keep_what_the_file_held(tmp_path: Any) -> None:
+    """append=True hands over a file that is not empty: it is written through the
+    file object, never reopened (which would truncate it)."""
+    path = tmp_path / "log.pt"
+    path.write_bytes(b"earlier")
+    with open(path, "ab") as f:
+        fast_torch_save(_many_records(), f)
+    data = path.read_bytes()
+    buffer = io.BytesIO()
+    torch.save(_many_records(), buffer)
+    assert data == b"earlier" + buffer.getvalue()
+
+
+_FSIZE_CHILD = """
+import errno, resource, signal, sys, torch
+sys.path[:0] = [sys.argv[2]]
+from snapwriter._fastsave import fast_torch_save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+state = {f"t{i}": torch.full((64,), float(i)) for i in range(200)}
+try:
+    with open(sys.argv[1], "wb") as f:
+        fast_torch_save(state, f)
+except OSError as exc:
+    print("errno", exc.errno)
+else:
+    print("no error")
+"""
+
+
+def test_many_records_a_failed_write_raises_the_os_error(tmp_path: Any) -> None:
+    """torch's own file writer reports a failed write without errno: the archive is
+    written again through the file object, which raises the OSError itself (EFBIG)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FSIZE_CHILD, str(tmp_path / "s.pt"), os.getcwd()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["errno", str(errno.EFBIG)], out
