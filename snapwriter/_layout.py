@@ -109,6 +109,10 @@ class LayoutMemory:
             self._last = None
 
 
+def _no_layout() -> None:
+    return None
+
+
 class Layout:
     """The layout of one staged target: its ``data.pkl`` when known, else made once.
 
@@ -128,6 +132,11 @@ class Layout:
         self._storages = storages
         self._pickled = hit
         self.reused = hit is not None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # Sent to another process (inside a save function): its storages are this
+        # process's, so it arrives as "no layout" and the receiver pickles afresh.
+        return (_no_layout, ())
 
     def pickle(self, obj: Any) -> Pickled | None:
         """``data.pkl`` and the storage records of ``obj`` (the staged value this layout

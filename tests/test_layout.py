@@ -245,3 +245,19 @@ def test_writers_reuse_the_layout_and_write_torch_save_bytes(
         writer.finalize()
     for i, data in enumerate(expected):
         assert (tmp_path / f"s{i}.pt").read_bytes() == data
+
+
+def test_a_layout_sent_to_another_process_arrives_as_none() -> None:
+    """A save function carrying a layout (rank-set hashing wraps one) pickles; the
+    receiving process gets no layout and pickles the state itself."""
+    import functools
+    import pickle
+
+    stager = Stager()
+    staged = stager.stage({"w": torch.zeros(2)})
+    fn = functools.partial(fast_torch_save, layout=staged.layout)
+    again = pickle.loads(pickle.dumps(fn))
+    assert again.keywords == {"layout": None}
+    buffer = io.BytesIO()
+    again(staged.value, buffer)
+    assert buffer.getvalue() == _torch_save_bytes({"w": torch.zeros(2)})
