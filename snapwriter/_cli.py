@@ -243,9 +243,9 @@ def verify_set(fs: Any, path: str, *, quick: bool) -> str:
                 raise DamagedSnapshot(
                     f"incomplete set: member {record.name} (rank {record.rank}) missing"
                 )
-            size, digest = file_digest(fs, member)
-            if (size, digest) != (record.size, record.sha256):
-                what = "size" if size != record.size else "SHA-256"
+            size, digest = file_digest(fs, member, like=record.digest)
+            if (size, digest) != (record.size, record.digest):
+                what = "size" if size != record.size else "digest"
                 raise DamagedSnapshot(
                     f"member {record.name} (rank {record.rank}) differs from the manifest: "
                     f"{what} (size {size}, expected {record.size})"
@@ -258,7 +258,7 @@ def verify_set(fs: Any, path: str, *, quick: bool) -> str:
             verify_file(fs, os.path.join(path, name), quick=quick)
         except DamagedSnapshot as exc:
             raise DamagedSnapshot(f"member {name}: {exc}") from exc
-    checked = "size+sha256+" if status.manifest is not None else ""
+    checked = "size+digest+" if status.manifest is not None else ""
     return f"set of {len(names)} member(s), {checked}{'archive' if quick else 'loaded'} ok"
 
 

@@ -4,8 +4,9 @@ A rank set (see :mod:`snapwriter._manifest`) is saved by every rank of a
 ``torch.distributed`` job; each rank's writer runs one *role* for its part:
 
 * a **member** writes the set's tag, then its own file through the writer's ordinary
-  save (atomic, durable), then reads it back for its SHA-256 and publishes
-  ``{size, sha256}`` under its key in the store (or its error, if its save failed);
+  save (atomic, durable), then its digest (:func:`~snapwriter._manifest.file_digest`:
+  for a torch.save archive, a hash of its central directory of CRC-32s) and publishes
+  ``{size, digest}`` under its key in the store (or its error, if its save failed);
 * the **marker** side (ppe's saver rank, or the native API's leader) waits until every
   member key is there, writes the manifest, then the ``complete`` marker, and publishes
   the outcome (``done``: the manifest, or the error naming the missing ranks);
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import contextvars
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -202,84 +202,6 @@ def _store_down(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, OSError, ConnectionError))
 
 
-# -- hashing while writing --------------------------------------------------------------
-
-
-class _HashingFile:
-    """The file object a member's ``savefun`` gets: hashes what goes through ``write``.
-
-    A ``seek`` or ``truncate`` invalidates the hash; so does any byte written around it
-    (``fileno()``): the caller compares the hashed length with the committed file's size
-    and reads the file back when they differ.
-    """
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self._hash = hashlib.sha256()
-        self.nbytes = 0
-        self.valid = True
-
-    def write(self, data: Any) -> int:
-        n = self._f.write(data)
-        view = memoryview(data).cast("B")
-        written = len(view) if n is None else int(n)
-        self._hash.update(view[:written])
-        self.nbytes += written
-        return written
-
-    def seek(self, *args: Any) -> Any:
-        self.valid = False
-        return self._f.seek(*args)
-
-    def truncate(self, *args: Any) -> Any:
-        self.valid = False
-        return self._f.truncate(*args)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
-@dataclass
-class _HashingSave:
-    """A member's ``savefun``, computing the SHA-256 on the way (saves a read-back).
-
-    Picklable; in a child process (``ProcessWriter``) the digest stays there and the
-    member is read back instead.
-    """
-
-    savefun: Callable[..., Any]
-    digest: str | None = None
-    nbytes: int = -1
-
-    def __call__(self, target: Any, f: Any, **kwds: Any) -> None:
-        hashing = _HashingFile(f)
-        self.savefun(target, hashing, **kwds)
-        if hashing.valid:
-            self.digest, self.nbytes = hashing.hexdigest(), hashing.nbytes
-
-
-def _hash_while_writing(request: Any) -> _HashingSave | None:
-    if request.append:
-        return None
-    hashing = _HashingSave(request.writing_function())  # what the save would have used
-    request.savefun = hashing
-    return hashing
-
-
-def _member_digest(fs: Any, path: str, hashing: _HashingSave | None) -> tuple[int, str]:
-    if hashing is not None and hashing.digest is not None:
-        try:
-            size = int(fs.stat(path).size)
-        except Exception:
-            size = -1
-        if size == hashing.nbytes:
-            return size, hashing.digest
-    return file_digest(fs, path)
-
-
 # -- roles ----------------------------------------------------------------------------
 
 _Plain = Callable[[Any], Awaitable[Any]]
@@ -331,14 +253,13 @@ class SetRole:
         except Exception as exc:
             await self._publish_failure(f"rank {self.rank}: cannot create the set directory: {exc}")
             raise self._recorded(writer, path, exc) from exc
-        hashing = _hash_while_writing(job.request)
         try:
             result = await plain(job)
         except BaseException as exc:
             await self._publish_failure(f"rank {self.rank}: {type(exc).__name__}: {exc}")
             raise
         try:
-            size, digest = await anyio.to_thread.run_sync(_member_digest, self.fs, path, hashing)
+            size, digest = await anyio.to_thread.run_sync(file_digest, self.fs, path)
             record = MemberRecord(self.rank, os.path.basename(path), size, digest)
             await self._publish_member(record)
         except Exception as exc:
@@ -479,7 +400,7 @@ class SetRole:
                 failed.append(r)
                 self._errors[r] = str(value["error"])
             else:
-                records[r] = MemberRecord(r, value["name"], value["size"], value["sha256"])
+                records[r] = MemberRecord(r, value["name"], value["size"], value["digest"])
         return records, missing, failed
 
     def _incomplete(
@@ -570,7 +491,7 @@ class SetRole:
     # -- publishing -----------------------------------------------------------------
 
     async def _publish_member(self, record: MemberRecord) -> None:
-        value = {"name": record.name, "size": record.size, "sha256": record.sha256}
+        value = {"name": record.name, "size": record.size, "digest": record.digest}
         await _store_call(self.store.set, self.keys.member(self.rank), json.dumps(value))
 
     async def _publish_failure(self, message: str) -> None:

@@ -9,7 +9,11 @@ cheaply; tests/distributed runs it across real processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import snapwriter
+import snapwriter._cli as cli
 from snapwriter import _coordination, _manifest
 
 
@@ -206,3 +211,92 @@ def test_arguments_are_checked() -> None:
         )
     with pytest.raises(snapwriter.InvalidSnapshotArgument, match=r"torch\.distributed"):
         snapwriter.RankSetWriter()
+
+
+def _committed_pair(tmp_path: Path, savefun: Any = None) -> Path:
+    a, b = _pair(tmp_path)
+    kw = {} if savefun is None else {"savefun": savefun}
+    ha = a("step_1", {"x": torch.arange(1000.0)}, **kw)
+    hb = b("step_1", {"x": torch.arange(1000.0) + 1}, **kw)
+    ha.result(30), hb.result(30)
+    _finalize(a, b)
+    return tmp_path / "step_1"
+
+
+def _verify(path: Path) -> int:
+    return cli.main(["verify", str(path)])
+
+
+def test_member_digest_of_an_archive_is_its_directory_of_crcs(tmp_path: Path) -> None:
+    """A torch.save member is identified by its zip directory (every record's CRC-32):
+    a copy has the same digest; another save (torch.save gives every archive its own
+    serialization id) and other content have others."""
+    fs = snapwriter.LocalFileSystem()
+    one, copy, again, other = (tmp_path / n for n in ("one.pt", "copy.pt", "again.pt", "o.pt"))
+    torch.save({"x": torch.arange(10.0)}, one)
+    copy.write_bytes(one.read_bytes())
+    torch.save({"x": torch.arange(10.0)}, again)
+    torch.save({"x": torch.arange(10.0) + 1}, other)
+    size, digest = _manifest.file_digest(fs, str(one))
+    assert size == one.stat().st_size and digest.startswith("zip-directory:")
+    assert _manifest.file_digest(fs, str(copy)) == (size, digest)
+    assert _manifest.file_digest(fs, str(again))[1] != digest
+    assert _manifest.file_digest(fs, str(other))[1] != digest
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(b"not a zip")
+    expected = "sha256:" + hashlib.sha256(b"not a zip").hexdigest()
+    assert _manifest.file_digest(fs, str(raw)) == (9, expected)
+
+
+def test_verify_catches_a_flipped_byte_the_digest_does_not_cover(tmp_path: Path) -> None:
+    """The digest covers the directory; a damaged record is caught by its CRC-32."""
+    set_dir = _committed_pair(tmp_path)
+    assert _verify(set_dir) == 0
+    member = set_dir / "1"
+    data = bytearray(member.read_bytes())
+    offset = data.rindex(b"data/0") + 200  # inside the tensor record's bytes
+    data[offset] ^= 0xFF
+    member.write_bytes(bytes(data))
+    assert _verify(set_dir) == 1
+
+
+def test_verify_catches_a_member_replaced_by_another_archive(tmp_path: Path) -> None:
+    set_dir = _committed_pair(tmp_path)
+    member = set_dir / "0"
+    size = member.stat().st_size
+    buffer = io.BytesIO()
+    torch.save({"x": torch.arange(1000.0) + 5}, buffer)  # same size, other CRCs
+    member.write_bytes(buffer.getvalue())
+    assert member.stat().st_size == size
+    assert _verify(set_dir) == 1
+
+
+def test_custom_savefun_members_get_a_content_digest(tmp_path: Path) -> None:
+    def pickle_save(obj: Any, f: Any) -> None:
+        pickle.dump({k: v.tolist() for k, v in obj.items()}, f)
+
+    set_dir = _committed_pair(tmp_path, savefun=pickle_save)
+    manifest = _manifest.read_manifest(snapwriter.LocalFileSystem(), str(set_dir))
+    assert manifest is not None
+    for m in manifest.members:
+        data = (set_dir / m.name).read_bytes()
+        assert m.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    (set_dir / "1").write_bytes((set_dir / "1").read_bytes()[:-1] + b".")
+    assert _verify(set_dir) == 1
+
+
+def test_format_1_manifests_still_verify(tmp_path: Path) -> None:
+    """Sets committed by an earlier snapwriter recorded the SHA-256 of each member."""
+    set_dir = _committed_pair(tmp_path)
+    path = set_dir / _manifest.MANIFEST_NAME
+    record = json.loads(path.read_bytes())
+    record["format"] = 1
+    for m in record["members"]:
+        m["sha256"] = hashlib.sha256((set_dir / m["name"]).read_bytes()).hexdigest()
+        del m["digest"]
+    path.write_text(json.dumps(record))
+    manifest = _manifest.read_manifest(snapwriter.LocalFileSystem(), str(set_dir))
+    assert manifest is not None and all(m.digest.startswith("sha256:") for m in manifest.members)
+    assert _verify(set_dir) == 0
+    (set_dir / "0").write_bytes(b"x" * (set_dir / "0").stat().st_size)
+    assert _verify(set_dir) == 1

@@ -189,7 +189,7 @@ def native_sets(ctx: RankContext) -> dict[str, Any]:
                 {
                     "path": r.path,
                     "members": [m.size for m in r.manifest.members],
-                    "sha": [m.sha256 for m in r.manifest.members],
+                    "digest": [m.digest for m in r.manifest.members],
                 }
             )
         except snapwriter.SnapshotError as exc:
