@@ -15,9 +15,10 @@ one run:
 included); *complete* is from the start of the snapshot until the set is durable on
 every rank (ppe's ThreadWriter: every rank's writer finalized, then a barrier). The
 reference is one ``memcpy`` of a rank's shard (``copy_`` into a warm buffer). Medians over
-``--snapshots`` snapshots after one warm-up. Prints a table and writes JSON.
+``--snapshots`` snapshots after one warm-up, in each of ``--rounds`` rounds over the
+contenders (the order alternates). Prints a table and writes JSON.
 
-Run:  .venv/bin/python benchmarks/bench_ranks.py [--mib 256] [--snapshots 3]
+Run:  .venv/bin/python benchmarks/bench_ranks.py [--mib 256] [--snapshots 3] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -212,27 +213,23 @@ def _rank_main(rank: int, world: int, store_path: str, root: str, args: dict[str
     os._exit(0 if "error" not in result else 1)
 
 
+def _orders(contenders: Sequence[str], rounds: int) -> list[list[str]]:
+    """The contenders' order in each round: forward, then backward, and so on, so that
+    the disk's drift over a run does not favour one place in the order."""
+    forward = list(contenders)
+    return [forward if i % 2 == 0 else forward[::-1] for i in range(rounds)]
+
+
 def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mib", type=int, default=256, help="MiB of state per rank")
-    parser.add_argument("--snapshots", type=int, default=3, help="timed snapshots each")
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--dir", type=Path, default=None, help="where the snapshots go")
-    args = parser.parse_args(argv)
-    contenders = [c for c in args.contenders.split(",") if c]
-    for c in contenders:
-        if c not in RUNNERS:
-            parser.error(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}")
+def _run_world(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    """Run contender ``name`` on ``args.world`` fresh rank processes; their results."""
     root = Path(tempfile.mkdtemp(prefix="bench_ranks-", dir=args.dir))
     try:
         ctx = multiprocessing.get_context("fork")
-        payload = {"mib": args.mib, "snapshots": args.snapshots, "contenders": contenders}
+        payload = {"mib": args.mib, "snapshots": args.snapshots, "contenders": [name]}
         store_path = str(root / "store")
         procs = [
             ctx.Process(target=_rank_main, args=(r, args.world, store_path, str(root), payload))
@@ -247,13 +244,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
     errors = [r["error"] for r in ranks if "error" in r]
     if errors:
-        raise RuntimeError("a rank failed:\n" + "\n".join(errors))
-    memcpy = max(r["memcpy_s"] for r in ranks)
+        raise RuntimeError(f"a rank failed ({name}):\n" + "\n".join(errors))
+    return ranks
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB of state per rank")
+    parser.add_argument("--snapshots", type=int, default=3, help="timed snapshots each")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds over the contenders (order alternates)"
+    )
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--dir", type=Path, default=None, help="where the snapshots go")
+    args = parser.parse_args(argv)
+    contenders = [c for c in args.contenders.split(",") if c]
+    for c in contenders:
+        if c not in RUNNERS:
+            parser.error(f"unknown contender {c!r}; choose from {', '.join(CONTENDERS)}")
+    # Each contender in fresh rank processes, the order alternating between rounds: run
+    # one after another in the same processes, the later ones met a different disk and
+    # page cache (complete times halved for whoever ran after the others).
+    ranks: list[dict[str, Any]] = [{} for _ in range(args.world)]
+    # Whoever ran first in a run was measured up to 3x slower (the disk settling after
+    # whatever ran before the benchmark): one pass that is not counted.
+    _run_world(args, contenders[0])
+    for order in _orders(contenders, args.rounds):
+        for name in order:
+            for r, got in enumerate(_run_world(args, name)):
+                ranks[r].setdefault(name, []).extend(got[name])
+                ranks[r].setdefault("memcpy", []).append(got["memcpy_s"])
+    memcpy = max(min(r["memcpy"]) for r in ranks)
     rows = {}
     for name in contenders:
         # per snapshot: the worst rank (the set is as late as its slowest member)
-        lost = [max(r[name][i][0] for r in ranks) for i in range(args.snapshots)]
-        done = [max(r[name][i][1] for r in ranks) for i in range(args.snapshots)]
+        samples = args.snapshots * args.rounds
+        lost = [max(r[name][i][0] for r in ranks) for i in range(samples)]
+        done = [max(r[name][i][1] for r in ranks) for i in range(samples)]
         rows[name] = {
             "lost_s": lost,
             "complete_s": done,
@@ -273,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "world_size": args.world,
         "mib_per_rank": args.mib,
         "snapshots": args.snapshots,
+        "rounds": args.rounds,
         "memcpy_s": memcpy,
         "contenders": rows,
         "targets": {
@@ -285,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     }
     print(
-        f"world size {args.world}, {args.mib} MiB per rank, median of {args.snapshots}; "
+        f"world size {args.world}, {args.mib} MiB per rank, median of "
+        f"{args.snapshots} x {args.rounds} rounds; "
         f"one memcpy of a shard: {memcpy * 1e3:.1f} ms"
     )
     print(f"{'contender':<18} {'lost ms':>9} {'x memcpy':>9} {'complete ms':>12}")
