@@ -21,7 +21,9 @@ def test_tiny_run_reports_every_contender(tmp_path: Path) -> None:
     try:
         spec.loader.exec_module(module)
         out = tmp_path / "bench_ranks.json"
-        report = module.main(["--mib=1", "--snapshots=1", f"--out={out}", f"--dir={tmp_path}"])
+        report = module.main(
+            ["--mib=1", "--snapshots=1", "--rounds=1", f"--out={out}", f"--dir={tmp_path}"]
+        )
     finally:
         sys.modules.pop(spec.name, None)
     assert set(report["contenders"]) == set(module.CONTENDERS)
