@@ -494,7 +494,13 @@ def check_resume(cfg: Config, run: Run, trainer: Trainer) -> str:
     assert state["step"] == cfg.steps
     assert_same(resumed.state(cfg.steps), trainer.state(cfg.steps))
     next_loss = trainer.step(cfg.steps + 1)
-    assert resumed.step(cfg.steps + 1) == next_loss, "the resumed run diverged"
+    resumed_loss = resumed.step(cfg.steps + 1)
+    # The states are equal bit for bit (above); the step's matmuls need not be: a BLAS
+    # may pick another kernel for buffers at other addresses (MKL without CBWR), which
+    # moves the last bits. A real divergence (a torn or stale snapshot) is far larger.
+    assert math.isclose(resumed_loss, next_loss, rel_tol=1e-5, abs_tol=1e-7), (
+        f"the resumed run diverged: {resumed_loss!r} != {next_loss!r}"
+    )
     return (
         f"{run.mode}: resumed from {latest} (step {state['step']}): model and optimizer "
         f"state round-trip bit for bit; the next step's loss matches ({next_loss:.6f})"
