@@ -158,10 +158,18 @@ class _Prepared:
     rest: dict[str, Any]
     keep: list[torch.UntypedStorage] = field(default_factory=list)
     segments: set[int] = field(default_factory=set)
+    pickled: Pickled | None = None  # the "fast" kind's source
 
 
-def _prepare(request: SaveRequest, shm: SharedMemory) -> _Prepared:
+def _prepare(
+    request: SaveRequest, shm: SharedMemory, previous: _Prepared | None = None
+) -> _Prepared:
     """Describe ``request``: data.pkl (or the graph) and every storage by its place.
+
+    ``previous``: the last save prepared for the same saving process. When the layout
+    repeated and staging handed back the very same staged storages (the same
+    :class:`~snapwriter._fastsave.Pickled`, see :mod:`snapwriter._layout`), their places
+    are the same too and are not looked up again.
 
     Runs in the writer's background thread (holds the GIL while pickling).
     """
@@ -189,8 +197,12 @@ def _prepare(request: SaveRequest, shm: SharedMemory) -> _Prepared:
             pickled = request.pickle_target()
             raw = None if pickled is not None else _torch_save_records(target)
         if pickled is not None:
-            records = [(key, where(storage)) for key, storage in pickled.storages]
-            return _Prepared("fast", pickled.data, records, rest, keep, segments)
+            if previous is not None and previous.pickled is pickled and not previous.keep:
+                # the very same staged storages (kept alive by ``pickled``): same places
+                records, segments = previous.records, previous.segments
+            else:
+                records = [(key, where(storage)) for key, storage in pickled.storages]
+            return _Prepared("fast", pickled.data, records, rest, keep, segments, pickled)
         if raw is not None and raw and raw[0][0] == "data.pkl":
             described = [
                 (name, value if isinstance(value, bytes) else where(value))
@@ -221,6 +233,9 @@ class _ChildState:
     def __init__(self) -> None:
         self.maps = Mappings()
         self.last: dict[str, tuple[bytes, list[Any]]] = {}
+        #: the previous "fast" save's records and the storages made for them: a save
+        #: with the same records ("same as last time") reuses the storages
+        self.fast_storages: tuple[list[Any], list[tuple[str, Any]]] | None = None
 
     def request(self, message: dict[str, Any]) -> SaveRequest:
         kind = message["kind"]
@@ -234,7 +249,13 @@ class _ChildState:
         dest, append, fs, durable = rest["dest"], rest["append"], rest["fs"], rest["durable"]
         storage = self.maps.storage
         if kind == "fast":
-            pickled = Pickled(data, [(key, storage(loc)) for key, loc in records])
+            known = self.fast_storages
+            if known is not None and known[0] is records:
+                by_key = known[1]
+            else:
+                by_key = [(key, storage(loc)) for key, loc in records]
+                self.fast_storages = (records, by_key)
+            pickled = Pickled(data, by_key)
             return SaveRequest(dest, pickled, _write_pickled, {}, append, fs, durable)
         if kind == "records":
             described: list[tuple[str, Any]] = [("data.pkl", data)]
@@ -503,6 +524,7 @@ class SaverProcess:
         self._process: Any = None
         self._sent: set[int] = set()
         self._last: dict[str, tuple[bytes, list[Any]]] = {}
+        self._previous: _Prepared | None = None
         self._closed = False
         self._stats = SaverStats()
 
@@ -603,7 +625,8 @@ class SaverProcess:
             ChildProcessFailure: the saving process died during the save.
             The child's exception, when the save failed there.
         """
-        prepared = _prepare(request, self._shm)
+        prepared = _prepare(request, self._shm, self._previous)
+        self._previous = prepared if prepared.kind == "fast" and not prepared.keep else None
         path = request.dest.path
         with self._lock:
             if self._closed:
@@ -652,6 +675,7 @@ class SaverProcess:
         saves) and wait for it; kill it if it does not exit. Idempotent."""
         with self._lock:
             self._closed = True
+            self._previous = None  # it holds staged storages the writer frees now
             conn, process = self._conn, self._process
             if conn is not None:
                 with contextlib.suppress(OSError):
