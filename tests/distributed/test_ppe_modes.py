@@ -54,7 +54,7 @@ def test_sharded_world_size_4(writer: str, tmp_path: Path) -> None:
             scenarios.train_ppe, 4, tmp_path, extra={"writer": writer, "iters": 2}, rendezvous="tcp"
         )
     )
-    assert all(r["finalize_error"] is None for r in results)
+    assert all(r["finalize_error"] is None for r in results), [r["finalize_error"] for r in results]
     out = tmp_path / "snapshots"
     status = snapwriter.list_snapshots(str(out), include_sets=True)
     assert [(e.name, e.kind, e.complete) for e in status] == [
@@ -92,7 +92,7 @@ def test_sharded_snapshot_on_error(tmp_path: Path) -> None:
     extra = {"writer": "ThreadWriter", "on_error": True, "raise_at": 2}
     results = assert_ok(run_ranks(scenarios.train_ppe, 2, tmp_path, extra=extra))
     assert all(r["error"] == "ValueError: training failed" for r in results)
-    assert all(r["finalize_error"] is None for r in results)
+    assert all(r["finalize_error"] is None for r in results), [r["finalize_error"] for r in results]
     out = tmp_path / "snapshots"
     # the set of the failing iteration was saved twice (regular, then on error): complete
     for e in snapwriter.list_snapshots(str(out), include_sets=True):
