@@ -217,7 +217,7 @@ def verify_file(fs: Any, path: str, *, quick: bool) -> str:
 
 
 def verify_set(fs: Any, path: str, *, quick: bool) -> str:
-    """Verify a rank set: its marker, then each member (manifest size and SHA-256 when
+    """Verify a rank set: its marker, then each member (manifest size and digest when
     there is a manifest, then :func:`verify_file`).
 
     Raises:

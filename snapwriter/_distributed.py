@@ -40,7 +40,7 @@ class RankSetResult:
 
     Attributes:
         path: the set directory.
-        manifest: every member's name, size and SHA-256.
+        manifest: every member's name, size and digest.
         member: the figures of this rank's own file.
     """
 

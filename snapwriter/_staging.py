@@ -28,6 +28,10 @@ CUDA sources are copied into pinned host memory on a side stream with
 :attr:`StagedTarget.device_tags` lets the write phase record the source device so the
 file says ``cuda:N`` exactly as torch.save's does.
 
+The walk also records the target's *layout* (:mod:`snapwriter._layout`): tokens that
+determine ``data.pkl``, so that a save repeating the previous one's layout is not
+pickled again (:attr:`StagedTarget.layout`).
+
 Threading: ``stage`` runs in the caller's thread (it must, to be consistent). Arenas are
 handed out under a lock; one arena is never used by two pending snapshots.
 """
