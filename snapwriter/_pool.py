@@ -59,10 +59,10 @@ class StagedStorage:
     """
 
     __slots__ = (
+        "_raw",
         "dense",
         "nbytes",
         "pinned",
-        "raw",
         "storage",
         "view",
         "view_generation",
@@ -74,10 +74,19 @@ class StagedStorage:
         self.nbytes = nbytes
         self.pinned = pinned
         self.dense: _Geometry | None = None
-        self.raw = bytes_of(storage)
+        self._raw: torch.Tensor | None = None
         self.view: torch.Tensor | None = None
         self.view_geometry: _Geometry | None = None
         self.view_generation = 0
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """A flat ``uint8`` tensor over all of the storage (made when first needed: most
+        storages are copied as the tensor that covers them)."""
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = bytes_of(self.storage)
+        return raw
 
     def new_view(self, geometry: _Geometry) -> torch.Tensor:
         """A new plain tensor over the storage with ``geometry``."""

@@ -256,3 +256,29 @@ def test_shared_staging_needs_no_numpy(tmp_path: Path) -> None:
     proc = run_python(code, str(tmp_path), timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "same file" in proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd here")
+def test_shared_blocks_come_back_when_their_storage_is_gone() -> None:
+    """A staged storage that is dropped gives its block back (reused by the next one of
+    that size); the allocator never grows for a layout that keeps changing."""
+    import gc
+
+    from snapwriter._shm import SharedMemory
+
+    shm = SharedMemory()
+    try:
+        first = shm.allocate(1000)
+        where = shm.locate(first)
+        assert where is not None
+        del first
+        gc.collect()
+        again = shm.allocate(1000)
+        assert shm.locate(again) == where  # the same block
+        for _ in range(200):  # churn: sizes come and go
+            kept = [shm.allocate(1 << 16) for _ in range(50)]  # 640 MiB if never reused
+            del kept
+        assert shm.stats.segments == 1
+        assert shm.stats.blocks == 2 + 200 * 50
+    finally:
+        shm.close()
