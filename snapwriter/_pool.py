@@ -151,11 +151,15 @@ class Arena:
         the size and kind asked."""
         if staged.nbytes != nbytes or staged.pinned != pinned:
             return False
-        key = (staged.nbytes, pinned)
+        key = (nbytes, pinned)
         spare = self._spare.get(key)
         if spare is None or spare.pop(id(staged), None) is None:
             return False
-        self._use(key, staged)
+        used = self._used.get(key)
+        if used is None:
+            self._used[key] = {id(staged): staged}
+        else:
+            used[id(staged)] = staged
         return True
 
     def _use(self, key: _Key, staged: StagedStorage) -> None:

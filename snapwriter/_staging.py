@@ -110,6 +110,7 @@ _Copy = tuple[torch.Tensor, torch.Tensor, bool]
 # objects for the collector to track beyond the list itself.
 _DICT, _ODICT, _LIST, _TUPLE, _TENSOR, _REF, _TRUE, _FALSE = (object() for _ in range(8))
 _STORAGE_NEW, _STORAGE_AGAIN, _CONJ_NEG = (object() for _ in range(3))
+_TOKEN_CLASSES = (torch.Tensor, torch.nn.Parameter)
 _pack_double = struct.Struct(">d").pack
 #: Strings the serializer itself puts in data.pkl: a user string that is the very same
 #: object pickles as a memo reference to it, so they open every layout's string list.
@@ -637,12 +638,19 @@ class _Walk:
         copy is planned without another look at the source.
         """
         cdata = storage_address(t)
-        geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
+        dtype, offset, size, stride = geometry = (
+            t.dtype,
+            t.storage_offset(),
+            t.size(),
+            t.stride(),
+        )
+        requires_grad = t.requires_grad
         slot = self.storages.get(cdata)
         new_storage = slot is None
         if slot is None:
             nbytes = t.untyped_storage().nbytes()
-            on_cuda = not t.is_cpu
+            # the dispatch-key path (no metadata object) has seen a CPU tensor already
+            on_cuda = metadata is not _NO_METADATA and not t.is_cpu
             slot = self.by_source.get(cdata)
             if slot is None or not self.arena.take_back(slot, nbytes, on_cuda):
                 slot = self.arena.take(nbytes, on_cuda)
@@ -661,12 +669,20 @@ class _Walk:
                 self.copies.append((out, t, False))  # as planned last time: see _plan_copy
             else:
                 self._plan_copy(slot, t, out, geometry, metadata)
-        if self.tokens is not None:
-            self._tensor_token(t, cls, cdata, slot, new_storage, geometry, metadata)
+        tokens = self.tokens
+        if tokens is not None:
+            if new_storage and not metadata and not slot.pinned and cls in _TOKEN_CLASSES:
+                # the common case of _tensor_token, inline (see there)
+                self._first[id(t)] = len(tokens)
+                self._storage_index[cdata] = len(self._storage_index)
+                tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride)
+                tokens += (requires_grad, _STORAGE_NEW, slot.nbytes, None)
+            else:
+                self._tensor_token(t, cls, cdata, slot, new_storage, geometry, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
-            out = torch.Tensor._make_subclass(cls, out, t.requires_grad)
-        elif t.requires_grad:
+            out = torch.Tensor._make_subclass(cls, out, requires_grad)
+        elif requires_grad:
             out = out.detach().requires_grad_(True)
         self.memo[id(t)] = out
         self.keep.append(t)
