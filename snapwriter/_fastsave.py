@@ -265,27 +265,24 @@ def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedSt
     without the OS error: the archive is then written again through ``f``, which
     either succeeds (a complete file) or raises the ``OSError`` itself.
     """
-    if len(records) >= BY_NAME_MIN_RECORDS and _mean_bytes(records) <= BY_NAME_MAX_MEAN_BYTES:
+    sizes = [
+        value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
+        for _, value in records
+    ]
+    by_name = len(records) >= BY_NAME_MIN_RECORDS
+    if by_name and sum(sizes) <= BY_NAME_MAX_MEAN_BYTES * len(records):
         with _named_archive(f) as name:
             if name is not None:
                 try:
-                    _write_with(_file_writer(name), records)
+                    _write_with(_file_writer(name), records, sizes)
                 except RuntimeError:
                     f.seek(0)
                     f.truncate()
                 else:
                     f.seek(0, os.SEEK_END)
                     return
-    _write_with(_file_writer(f), records)
+    _write_with(_file_writer(f), records, sizes)
     f.flush()
-
-
-def _nbytes(value: bytes | torch.UntypedStorage) -> int:
-    return value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
-
-
-def _mean_bytes(records: list[tuple[str, bytes | torch.UntypedStorage]]) -> float:
-    return sum(_nbytes(value) for _, value in records) / max(1, len(records))
 
 
 def _file_writer(f: IO[bytes] | str) -> Any:
@@ -293,10 +290,12 @@ def _file_writer(f: IO[bytes] | str) -> Any:
     return torch._C.PyTorchFileWriter(f, torch.serialization.get_crc32_options(), alignment)
 
 
-def _write_with(writer: Any, records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
+def _write_with(
+    writer: Any, records: list[tuple[str, bytes | torch.UntypedStorage]], sizes: list[int]
+) -> None:
     try:
-        for name, value in records:
-            writer.write_record(name, value, _nbytes(value))
+        for (name, value), nbytes in zip(records, sizes, strict=True):
+            writer.write_record(name, value, nbytes)
         writer.write_end_of_file()
     except BaseException:
         # Mark the archive finished before the writer is collected: its C++ destructor

@@ -60,7 +60,6 @@ class LayoutMemory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last: _Remembered | None = None
-        self.hits = 0
 
     def layout(
         self,
@@ -89,7 +88,6 @@ class LayoutMemory:
                         [(str(i), storages[j]) for i, j in enumerate(last.order)],
                     )
                     self._last = _Remembered(tokens, last.order, hit, storages)
-                self.hits += 1
             elif tokens is None:
                 self._last = None
         return Layout(self, tokens, storages, hit)

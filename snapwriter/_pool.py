@@ -155,11 +155,7 @@ class Arena:
         spare = self._spare.get(key)
         if spare is None or spare.pop(id(staged), None) is None:
             return False
-        used = self._used.get(key)
-        if used is None:
-            self._used[key] = {id(staged): staged}
-        else:
-            used[id(staged)] = staged
+        self._use(key, staged)
         return True
 
     def _use(self, key: _Key, staged: StagedStorage) -> None:

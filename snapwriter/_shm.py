@@ -170,9 +170,7 @@ class SharedMemory:
         # the block goes back to the free list when the storage (its view) is gone; a
         # plain weak reference (not weakref.finalize: twice the cost, 50,000 times)
         key = (segment.id, offset)
-        self._watch[key] = weakref.ref(
-            owner, lambda _ref: self._release(ptr, key[0], key[1], size, watched=True)
-        )
+        self._watch[key] = weakref.ref(owner, lambda _ref: self._release(ptr, key[0], key[1], size))
         return storage
 
     def _block(self, size: int) -> tuple[Segment, int]:
@@ -207,12 +205,9 @@ class SharedMemory:
         self.stats.reserved_bytes += size
         return segment
 
-    def _release(
-        self, ptr: int, seg_id: int, offset: int, size: int, *, watched: bool = False
-    ) -> None:
+    def _release(self, ptr: int, seg_id: int, offset: int, size: int) -> None:
         with self._lock:
-            if watched:
-                self._watch.pop((seg_id, offset), None)
+            self._watch.pop((seg_id, offset), None)
             if self._where.get(ptr, (None, None))[:2] == (seg_id, offset):
                 del self._where[ptr]
             if not self._closed:

@@ -110,7 +110,6 @@ _Copy = tuple[torch.Tensor, torch.Tensor, bool]
 # objects for the collector to track beyond the list itself.
 _DICT, _ODICT, _LIST, _TUPLE, _TENSOR, _REF, _TRUE, _FALSE = (object() for _ in range(8))
 _STORAGE_NEW, _STORAGE_AGAIN, _CONJ_NEG = (object() for _ in range(3))
-_TOKEN_CLASSES = (torch.Tensor, torch.nn.Parameter)
 _pack_double = struct.Struct(">d").pack
 #: Strings the serializer itself puts in data.pkl: a user string that is the very same
 #: object pickles as a memo reference to it, so they open every layout's string list.
@@ -442,28 +441,11 @@ class _Walk:
     def _fill(self, out: dict[Any, Any], obj: dict[Any, Any]) -> None:
         """Put the staged items of ``obj`` into ``out``, in order (plain tensors, the
         common value, without a trip through :meth:`stage`)."""
-        stage, tensor, memo = self.stage, self._tensor, self.memo
-        if self.tokens is None:
-            for k, v in obj.items():
-                if type(k) not in _ATOMIC:
-                    k = stage(k)
-                vcls = type(v)
-                if vcls in _ATOMIC:
-                    out[k] = v
-                elif vcls is torch.Tensor and id(v) not in memo:
-                    out[k] = tensor(v)
-                else:
-                    out[k] = stage(v)
-            return
-        # the same, with the layout's tokens (stage() adds its own)
-        atom, strings = self._atom, self.strings
+        stage, tensor, memo, atom = self.stage, self._tensor, self.memo, self._atom
         for k, v in obj.items():
-            kcls = type(k)
-            if kcls is str:
-                if self.tokens is not None:
-                    self.tokens.append(k)
-                    strings.append(k)
-            elif kcls in _ATOMIC:
+            # atomic keys and values bypass stage(), so their layout tokens are added
+            # here (stage() and tensor() add their own)
+            if type(k) in _ATOMIC:
                 if self.tokens is not None:
                     atom(k)
             else:
@@ -638,12 +620,7 @@ class _Walk:
         copy is planned without another look at the source.
         """
         cdata = storage_address(t)
-        dtype, offset, size, stride = geometry = (
-            t.dtype,
-            t.storage_offset(),
-            t.size(),
-            t.stride(),
-        )
+        geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         requires_grad = t.requires_grad
         slot = self.storages.get(cdata)
         new_storage = slot is None
@@ -669,16 +646,8 @@ class _Walk:
                 self.copies.append((out, t, False))  # as planned last time: see _plan_copy
             else:
                 self._plan_copy(slot, t, out, geometry, metadata)
-        tokens = self.tokens
-        if tokens is not None:
-            if new_storage and not metadata and not slot.pinned and cls in _TOKEN_CLASSES:
-                # the common case of _tensor_token, inline (see there)
-                self._first[id(t)] = len(tokens)
-                self._storage_index[cdata] = len(self._storage_index)
-                tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride)
-                tokens += (requires_grad, _STORAGE_NEW, slot.nbytes, None)
-            else:
-                self._tensor_token(t, cls, cdata, slot, new_storage, geometry, metadata)
+        if self.tokens is not None:
+            self._tensor_token(t, cls, cdata, slot, new_storage, geometry, requires_grad, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
             out = torch.Tensor._make_subclass(cls, out, requires_grad)
@@ -702,6 +671,7 @@ class _Walk:
         slot: StagedStorage,
         new_storage: bool,
         geometry: Any,
+        requires_grad: bool,
         metadata: dict[str, bool],
     ) -> None:
         """Append the layout token of a plain tensor (switch tokens off for subclasses)."""
@@ -713,7 +683,7 @@ class _Walk:
         self._first[id(t)] = len(tokens)
         # flat: sizes and strides as ints, no tuple kept alive for the collector to track
         dtype, offset, size, stride = geometry
-        tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride, t.requires_grad)
+        tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride, requires_grad)
         if new_storage:
             self._storage_index[cdata] = len(self._storage_index)
             # the storage's record: its size and the device pickled as its location
