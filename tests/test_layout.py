@@ -261,3 +261,36 @@ def test_a_layout_sent_to_another_process_arrives_as_none() -> None:
     buffer = io.BytesIO()
     again(staged.value, buffer)
     assert buffer.getvalue() == _torch_save_bytes({"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize(
+    "writer_cls",
+    [snapwriter.StandardWriter, snapwriter.ProcessWriter, snapwriter.ProcessQueueWriter],
+)
+def test_many_small_tensors_repeated_saves_are_torch_save_bytes(
+    writer_cls: Any, tmp_path: Any
+) -> None:
+    """The path of 50k-tensor states at small scale: a reused layout and an archive
+    written by torch's writer on its own file handle (>= BY_NAME_MIN_RECORDS records),
+    through each writer, byte for byte torch.save's file at every call."""
+    from snapwriter._fastsave import BY_NAME_MIN_RECORDS
+
+    state = {
+        "model": {f"w{i}": torch.full((16,), float(i)) for i in range(2 * BY_NAME_MIN_RECORDS)},
+        "step": 0,
+    }
+    expected = []
+    writer = writer_cls(out_dir=str(tmp_path))
+    try:
+        for i in range(3):
+            with torch.no_grad():
+                for v in state["model"].values():
+                    v.add_(1.0)
+            expected.append(_torch_save_bytes(state))
+            handle = writer(f"s{i}.pt", str(tmp_path), state)
+            if handle is not None:
+                handle.result(timeout=60)
+    finally:
+        writer.finalize()
+    for i, data in enumerate(expected):
+        assert (tmp_path / f"s{i}.pt").read_bytes() == data
