@@ -40,19 +40,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import io
 import os
 import pickle
 import stat
-import sys
 import tempfile
+import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.serialization
+import torch.utils.serialization
 
 from ._pickle_emit import CHECK_EVERY as _CHECK_EVERY
 from ._pickle_emit import CPU as _CPU
@@ -64,11 +67,25 @@ from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
 from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
+from ._ziparchive import SERIALIZATION_ID, ArchivePlan, head_records
+from ._ziparchive import write_archive as write_pure
 
 if TYPE_CHECKING:
     from ._layout import Layout
 
-__all__ = ("Pickled", "fast_torch_save", "pickle_state", "write_archive", "write_records")
+__all__ = (
+    "Pickled",
+    "SaveOptions",
+    "archive_plan",
+    "archive_records",
+    "fast_torch_save",
+    "pickle_state",
+    "pure_archives",
+    "save_options",
+    "using_save_options",
+    "write_archive",
+    "write_records",
+)
 
 _PROTOCOL = 2  # torch.save's default
 
@@ -224,21 +241,121 @@ def pickle_state(obj: Any) -> Pickled | None:
     return Pickled(buffer.getvalue(), list(pickler.storages.items()))
 
 
+def archive_records(data: bytes, storages: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The records torch.save writes, in its order, for ``data.pkl``'s bytes and the
+    ``(key, storage)`` pairs (storages, or anything standing for them)."""
+    records = head_records(data, torch.serialization._get_storage_alignment())
+    records += [(f"data/{key}", storage) for key, storage in storages]
+    return records
+
+
 def write_archive(f: IO[bytes], pickled: Pickled) -> None:
     """Write the zip archive torch.save writes for ``pickled`` into the binary file ``f``.
 
     Records in torch.save's order, through torch's own zip writer (storage bytes are
     copied and checksummed without holding the GIL).
     """
-    alignment = str(torch.serialization._get_storage_alignment())
-    records: list[tuple[str, bytes | torch.UntypedStorage]] = [
-        ("data.pkl", pickled.data),
-        (".format_version", b"1"),
-        (".storage_alignment", alignment.encode()),
-        ("byteorder", sys.byteorder.encode()),
-    ]
-    records += [(f"data/{key}", storage) for key, storage in pickled.storages]
-    write_records(f, records)
+    write_records(f, archive_records(pickled.data, pickled.storages))
+
+
+# -- torch.save's options -------------------------------------------------------------------
+
+#: torch.save's own options that change its bytes: (compute CRC-32s, storage alignment).
+#: torch keeps them per thread, so a save records the caller's and writes under them.
+SaveOptions = tuple[bool, int]
+
+
+def save_options() -> SaveOptions:
+    """This thread's torch.save options (``torch.serialization.set_crc32_options``,
+    ``torch.utils.serialization.config.save.storage_alignment``)."""
+    return (
+        bool(torch.serialization.get_crc32_options()),
+        int(torch.serialization._get_storage_alignment()),
+    )
+
+
+@contextlib.contextmanager
+def using_save_options(options: SaveOptions) -> Iterator[None]:
+    """Run the block with ``options`` as this thread's torch.save options."""
+    config = torch.utils.serialization.config.save
+    before = (config.compute_crc32, config.storage_alignment)
+    config.compute_crc32, config.storage_alignment = options
+    try:
+        yield
+    finally:
+        config.compute_crc32, config.storage_alignment = before
+
+
+# -- the archive without torch (the saving process) ---------------------------------------
+
+_plans: collections.OrderedDict[Any, ArchivePlan] = collections.OrderedDict()
+_plans_lock = threading.Lock()
+_PLANS_KEPT = 8
+
+
+def archive_plan(names: list[str], *, key: Any = None) -> ArchivePlan:
+    """What :func:`snapwriter._ziparchive.write_archive` needs from torch to write the
+    archive of records named ``names`` (in order) as torch's own writer does: read from
+    torch's writer itself, which writes the records empty into a scratch file (a few
+    microseconds a record; the last :data:`_PLANS_KEPT` plans are kept, under ``key``
+    when given, else under the names).
+
+    Threading: safe from any thread.
+    """
+    alignment = torch.serialization._get_storage_alignment()
+    cache_key = (alignment, key if key is not None else tuple(names))
+    with _plans_lock:
+        plan = _plans.get(cache_key)
+        if plan is not None:
+            _plans.move_to_end(cache_key)
+            return plan
+    with tempfile.TemporaryDirectory(prefix="snapwriter-plan-") as directory:
+        path = os.path.join(directory, "archive")
+        writer = _file_writer(path)
+        _write_with(writer, [(name, b"") for name in names], [0] * len(names))
+        with zipfile.ZipFile(path) as archive:
+            version = archive.read("archive/version") if "version" not in names else b""
+            ident = archive.read(f"archive/{SERIALIZATION_ID}").decode()
+    plan = ArchivePlan("archive", alignment, version, int(ident[:20]))
+    with _plans_lock:
+        _plans[cache_key] = plan
+        while len(_plans) > _PLANS_KEPT:
+            _plans.popitem(last=False)
+    return plan
+
+
+_pure: bool | None = None
+
+
+def pure_archives() -> bool:
+    """Whether :mod:`snapwriter._ziparchive` writes this torch's archives byte for byte
+    (checked once, on a probe state, against ``torch.save`` with its default options;
+    False where torch's format has changed from the one it follows)."""
+    global _pure
+    if _pure is None:
+        probe: dict[str, Any] = {
+            "w": torch.arange(70, dtype=torch.float32).view(7, 10),
+            "b": [torch.zeros(0), torch.ones(3, dtype=torch.int64)[1:], 1.5],
+        }
+        probe["v"] = probe["w"][2:]
+        expected = io.BytesIO()
+        ours = io.BytesIO()
+        with using_save_options((True, 64)):
+            torch.save(probe, expected)
+            pickled = pickle_state(probe)
+            if pickled is not None:
+                records = archive_records(
+                    pickled.data, [(k, memoryview(_bytes_of(s))) for k, s in pickled.storages]
+                )
+                names = [name for name, _ in records]
+                write_pure(ours, records, archive_plan(names, key=("probe", len(names))))
+        _pure = pickled is not None and ours.getvalue() == expected.getvalue()
+    return _pure
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> bytes:
+    nbytes = storage.nbytes()
+    return ctypes.string_at(storage.data_ptr(), nbytes) if nbytes else b""
 
 
 #: From this many records on, of at most this many bytes each on average,

@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
@@ -33,6 +32,7 @@ from ._compat import register_at_fork
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument
 from ._portal import on_exit_give_up
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
+from ._saver_child import send_outcome
 
 __all__ = (
     "ConsumerProcess",
@@ -127,17 +127,6 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-def _send_outcome(conn: multiprocessing.connection.Connection, kind: str, payload: Any) -> None:
-    try:
-        conn.send((kind, payload))
-    except Exception:  # the exception itself does not pickle: send its text
-        if isinstance(payload, BaseException):
-            text = "".join(traceback.format_exception(payload))
-            conn.send((kind, ChildProcessFailure(f"{type(payload).__name__}: {payload}\n{text}")))
-        else:
-            raise
-
-
 def _run_one(request: SaveRequest | None, task: Any, args: tuple[Any, ...]) -> WriteOutcome:
     if request is not None:
         return execute_save_blocking(request)
@@ -152,10 +141,10 @@ def _child_save(request: SaveRequest, conn: multiprocessing.connection.Connectio
     try:
         outcome = execute_save_blocking(request)
     except BaseException as exc:
-        _send_outcome(conn, "error", exc)
+        send_outcome(conn, "error", exc)
         raise SystemExit(1) from None
     else:
-        _send_outcome(conn, "ok", outcome)
+        send_outcome(conn, "ok", outcome)
     finally:
         conn.close()
 
@@ -176,7 +165,7 @@ def _child_consume(conn: multiprocessing.connection.Connection, task: Any, paren
         except (EOFError, OSError):
             return
         except Exception as exc:  # a message that does not unpickle here
-            _send_outcome(
+            send_outcome(
                 conn,
                 "error",
                 ChildProcessFailure(f"the consumer process could not receive the save: {exc!r}"),
@@ -188,9 +177,9 @@ def _child_consume(conn: multiprocessing.connection.Connection, task: Any, paren
         try:
             outcome = _run_one(request, task, args)
         except Exception as exc:
-            _send_outcome(conn, "error", exc)
+            send_outcome(conn, "error", exc)
         else:
-            _send_outcome(conn, "ok", outcome)
+            send_outcome(conn, "ok", outcome)
 
 
 class ProcessWorker(multiprocessing.Process):

@@ -18,7 +18,14 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ._fastsave import Pickled, fast_torch_save, pickle_state
+from ._fastsave import (
+    Pickled,
+    SaveOptions,
+    fast_torch_save,
+    pickle_state,
+    save_options,
+    using_save_options,
+)
 from ._layout import Layout
 from ._paths import Destination
 from ._pool import device_tags
@@ -45,6 +52,9 @@ class SaveRequest:
             in the file while writing (see :func:`snapwriter._pool.device_tags`).
         layout: the staged target's layout (:mod:`snapwriter._layout`): its
             ``data.pkl`` when it repeats the previous save's; stays in this process.
+        options: torch.save's options (CRC-32s, storage alignment) as the thread that
+            made the request had them (torch keeps them per thread): the file is
+            written under them, wherever it is written.
     """
 
     dest: Destination
@@ -56,6 +66,7 @@ class SaveRequest:
     durable: bool = True
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
     layout: Layout | None = None
+    options: SaveOptions = field(default_factory=save_options)
 
     @property
     def plain_torch_save(self) -> bool:
@@ -67,10 +78,12 @@ class SaveRequest:
         """What writes the file: :func:`fast_torch_save` in place of a plain ``torch.save``
         (same file, less time holding the GIL), else ``savefun``."""
         if not self.plain_torch_save:
-            return self.savefun
-        if self.layout is None:
-            return fast_torch_save
-        return functools.partial(fast_torch_save, layout=self.layout)
+            fun: Callable[..., Any] = self.savefun
+        elif self.layout is None:
+            fun = fast_torch_save
+        else:
+            fun = functools.partial(fast_torch_save, layout=self.layout)
+        return functools.partial(_with_options, self.options, fun)
 
     def pickle_target(self) -> Pickled | None:
         """``data.pkl`` and the storage records of a plain ``torch.save`` of the target
@@ -91,6 +104,11 @@ class SaveRequest:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["target"], state["device_tags"] = decode(state["target"])
         self.__dict__.update(state)
+
+
+def _with_options(options: SaveOptions, fun: Callable[..., Any], *args: Any, **kwds: Any) -> Any:
+    with using_save_options(options):
+        return fun(*args, **kwds)
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,22 @@ is overridden: those keep their own workers and consumers).
 
 **Lifecycle.** Started by the first save, in the writer's background thread (the call
 that stages the target does not wait for it). By default it is forked from this
-process's *zygote* (:class:`_Zygote`): a fresh interpreter (``python -c``) that imported
-torch and snapwriter, started when the first default-mode process writer is created, so
-that a first save does not pay torch's import (seconds) and a restart costs a fork of a
-small process. Like ``forkserver`` with torch preloaded, but it never imports the
-program's ``__main__`` (an unguarded training script is not run again), and neither it
-nor its savers hold a copy of the trainer's memory image: no copy-on-write fault ever
-slows the trainer. A process forked from the trainer (``os.fork()``) forks its savers
-itself. With the writer's ``mp_context`` the saver is started with that context
-instead. A saver that dies is replaced by the next save; the save it was running fails
-with :class:`~snapwriter.ChildProcessFailure` naming the file and how the saver died.
-``finalize()``/``aclose()`` stop it. It never outlives the trainer: a watchdog thread in
-it exits within :data:`PARENT_POLL_SECONDS` of the trainer's death (a pidfd, so even a
-SIGKILL), the zygote exits when the trainer does, and the exit machinery kills savers
-when interpreter exit gives up on saves. Each saver is tracked through a pidfd (it is
-the zygote's child; the zygote reaps it and reports its exit status).
+process's *zygote*: a fresh interpreter (``python -c``) that imports snapwriter's
+saving side and no torch (:mod:`snapwriter._saver_child`), started when the first
+default-mode process writer is created (a tenth of a second). Like ``forkserver``, but
+it never imports the program's ``__main__`` (an unguarded training script is not run
+again), and neither it nor its savers hold a copy of the trainer's memory image: no
+copy-on-write fault ever slows the trainer, and a saver costs a few MiB, not a second
+copy of torch. A process forked from the trainer (``os.fork()``) starts a zygote of its
+own the same way. With the writer's ``mp_context`` the saver is started with that
+context instead. A saver that dies is replaced by the next save; the save it was
+running fails with :class:`~snapwriter.ChildProcessFailure` naming the file and how
+the saver died. ``finalize()``/``aclose()`` stop it. It never outlives the trainer: a
+watchdog thread in it exits within
+:data:`~snapwriter._saver_child.PARENT_POLL_SECONDS` of the trainer's death (a pidfd,
+so even a SIGKILL), the zygote exits when the trainer does, and the exit machinery
+kills savers when interpreter exit gives up on saves. Each saver is tracked through a
+pidfd (it is the zygote's child; the zygote reaps it and reports its exit status).
 
 **What crosses the pipe.** Staged storages live in shared segments
 (:mod:`snapwriter._shm`); each segment is handed over once, as one file descriptor
@@ -29,14 +30,15 @@ parent pickles the staged state *in the writer's background thread* with
 :func:`~snapwriter._fastsave.pickle_state` (not at all when its layout repeats the
 previous save's: :mod:`snapwriter._layout`) and sends ``data.pkl``'s bytes (or "same as
 the previous save" when unchanged), one ``(key, segment, offset, nbytes)`` per storage
-record and the destination; the child
-writes the archive with :func:`~snapwriter._fastsave.write_archive` and commits it with
-:func:`~snapwriter._save.execute_save` (same temporary names, fsyncs, rename, errors).
+record, the destination and the archive's :class:`~snapwriter._ziparchive.ArchivePlan`
+(what torch's zip writer adds, read from torch here); the child writes torch.save's
+archive from the mapped segments with :mod:`snapwriter._ziparchive` and commits it with
+:class:`~snapwriter._storage.Storage` (same temporary names, fsyncs, rename, errors).
 What ``pickle_state`` refuses is recorded from ``torch.save`` itself in the parent (its
 records, storages named by place), so the file is still torch.save's, byte for byte. A
-custom ``savefun`` (or ``savefun`` keyword arguments) gets the object graph in the child:
-it is pickled with torch.save's reducers (:mod:`snapwriter._transfer`) and its storages
-named by place.
+custom ``savefun`` (or ``savefun`` keyword arguments) gets the object graph in the child
+(which imports torch for it, once): it is pickled with torch.save's reducers
+(:mod:`snapwriter._transfer`) and its storages named by place.
 """
 
 from __future__ import annotations
@@ -51,8 +53,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -63,23 +63,30 @@ import torch.serialization
 
 from ._compat import register_at_fork
 from ._exceptions import ChildProcessFailure, SnapshotError
-from ._fastsave import Pickled, write_archive, write_records
+from ._fastsave import (
+    Pickled,
+    archive_plan,
+    archive_records,
+    pure_archives,
+    using_save_options,
+    write_archive,
+    write_records,
+)
 from ._pool import device_tags
-from ._process import MpContext, _describe_exit, _send_outcome, _track, _untrack, get_context
+from ._process import MpContext, _describe_exit, _track, _untrack, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
-from ._shm import Location, Mappings, SharedMemory
+from ._saver_child import Mappings, serve
+from ._shm import Location, SharedMemory, _storage_over
 from ._transfer import _Pickler as _GraphPickler
 from ._transfer import _Unpickler as _GraphUnpickler
+from ._ziparchive import ArchivePlan, fits
 
 __all__ = ("NotPicklable", "SaverProcess", "SaverStats")
-
-#: How often the saving process checks that the trainer still lives (seconds).
-PARENT_POLL_SECONDS = 0.25
 
 #: The saving process needs Linux's memfd segments and pidfds; elsewhere the process
 #: writers keep their per-save child (``ProcessWriter``) and pipe-fed consumer.
 SUPPORTED = hasattr(os, "memfd_create") and hasattr(os, "pidfd_open")
-#: How long a request to the zygote may wait (its first one waits for torch's import).
+#: How long a request to the zygote may wait (its first one waits for its start).
 ZYGOTE_START_SECONDS = 300.0
 #: How long ``close()`` waits for the child to exit before killing it (seconds).
 STOP_SECONDS = 30.0
@@ -159,6 +166,18 @@ class _Prepared:
     keep: list[torch.UntypedStorage] = field(default_factory=list)
     segments: set[int] = field(default_factory=set)
     pickled: Pickled | None = None  # the "fast" kind's source
+    #: how the child writes the archive without torch (None: with torch)
+    plan: ArchivePlan | None = None
+
+
+def _plan(names: list[str], sizes: list[int], key: Any, crc32: bool) -> ArchivePlan | None:
+    """The archive plan of records ``names`` of ``sizes`` bytes, or None when the child
+    must write them with torch (CRC-32s off, this torch's archives not reproduced, or
+    zip64)."""
+    if not crc32 or not pure_archives():
+        return None
+    plan = archive_plan(names, key=key)
+    return plan if fits(zip(names, sizes, strict=True), plan) else None
 
 
 def _prepare(
@@ -190,8 +209,22 @@ def _prepare(
         "append": request.append,
         "fs": request.fs,
         "durable": request.durable,
+        "options": request.options,
     }
+    with using_save_options(request.options):
+        return _describe(request, rest, where, keep, segments, previous)
+
+
+def _describe(
+    request: SaveRequest,
+    rest: dict[str, Any],
+    where: Any,
+    keep: list[torch.UntypedStorage],
+    segments: set[int],
+    previous: _Prepared | None,
+) -> _Prepared:
     target = request.target
+    crc32 = request.options[0]
     if request.plain_torch_save:
         with device_tags(request.device_tags):
             pickled = request.pickle_target()
@@ -200,15 +233,25 @@ def _prepare(
             if previous is not None and previous.pickled is pickled and not previous.keep:
                 # the very same staged storages (kept alive by ``pickled``): same places
                 records, segments = previous.records, previous.segments
+                plan = previous.plan
             else:
                 records = [(key, where(storage)) for key, storage in pickled.storages]
-            return _Prepared("fast", pickled.data, records, rest, keep, segments, pickled)
+                plan = None
+            if plan is None:
+                names = [name for name, _ in archive_records(pickled.data, records)]
+                sizes = [len(pickled.data), 1, 2, 6] + [loc[2] for _, loc in records]
+                plan = _plan(names, sizes, ("fast", tuple(key for key, _ in records)), crc32)
+            return _Prepared("fast", pickled.data, records, rest, keep, segments, pickled, plan)
         if raw is not None and raw and raw[0][0] == "data.pkl":
             described = [
                 (name, value if isinstance(value, bytes) else where(value))
                 for name, value in raw[1:]
             ]
-            return _Prepared("records", raw[0][1], described, rest, keep, segments)
+            names = ["data.pkl", *(name for name, _ in described)]
+            sizes = [len(raw[0][1])]
+            sizes += [len(v) if isinstance(v, bytes) else v[2] for _, v in described]
+            plan = _plan(names, sizes, None, crc32)
+            return _Prepared("records", raw[0][1], described, rest, keep, segments, None, plan)
     pickler_buffer = io.BytesIO()
     pickler = _GraphPickler(pickler_buffer)
     pickler.dump((target, request.device_tags))
@@ -217,7 +260,7 @@ def _prepare(
     return _Prepared("graph", pickler_buffer.getvalue(), locations, rest, keep, segments)
 
 
-# -- the child ----------------------------------------------------------------------------
+# -- the torch side of a saving process ---------------------------------------------------
 
 
 def _write_pickled(target: Pickled, f: IO[bytes]) -> None:
@@ -229,128 +272,95 @@ def _write_records(target: list[tuple[str, Any]], f: IO[bytes]) -> None:
     write_records(f, target)
 
 
-class _ChildState:
-    def __init__(self) -> None:
-        self.maps = Mappings()
-        self.last: dict[str, tuple[bytes, list[Any]]] = {}
+class TorchSide:
+    """What a saving process does with torch (imported for it, once): saves with a
+    custom ``savefun`` (the object graph rebuilt over the shared segments) and archives
+    :mod:`snapwriter._ziparchive` does not write (past 4 GiB; a torch whose format the
+    trainer could not reproduce), written by torch's own zip writer."""
+
+    def __init__(self, maps: Mappings) -> None:
+        self._maps = maps
         #: the previous "fast" save's records and the storages made for them: a save
         #: with the same records ("same as last time") reuses the storages
-        self.fast_storages: tuple[list[Any], list[tuple[str, Any]]] | None = None
+        self._fast: tuple[list[Any], list[tuple[str, Any]]] | None = None
 
-    def request(self, message: dict[str, Any]) -> SaveRequest:
-        kind = message["kind"]
-        data, records = message["data"], message["records"]
-        if data is None or records is None:
-            last_data, last_records = self.last[kind]
-            data = last_data if data is None else data
-            records = last_records if records is None else records
-        self.last[kind] = (data, records)
-        rest = message["rest"]
+    def _storage(self, where: Location) -> torch.UntypedStorage:
+        seg_id, offset, nbytes = where
+        if nbytes == 0:
+            return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
+        return _storage_over(self._maps.maps[seg_id], offset, nbytes)[0]
+
+    def save(
+        self, kind: str, data: bytes, records: list[Any], rest: dict[str, Any]
+    ) -> WriteOutcome:
+        """Write and commit one save described by the trainer (see :func:`_prepare`)."""
         dest, append, fs, durable = rest["dest"], rest["append"], rest["fs"], rest["durable"]
-        storage = self.maps.storage
+        options = rest["options"]
+        storage = self._storage
         if kind == "fast":
-            known = self.fast_storages
+            known = self._fast
             if known is not None and known[0] is records:
                 by_key = known[1]
             else:
                 by_key = [(key, storage(loc)) for key, loc in records]
-                self.fast_storages = (records, by_key)
-            pickled = Pickled(data, by_key)
-            return SaveRequest(dest, pickled, _write_pickled, {}, append, fs, durable)
-        if kind == "records":
+                self._fast = (records, by_key)
+            request = SaveRequest(
+                dest,
+                Pickled(data, by_key),
+                _write_pickled,
+                {},
+                append,
+                fs,
+                durable,
+                options=options,
+            )
+        elif kind == "records":
             described: list[tuple[str, Any]] = [("data.pkl", data)]
             described += [
                 (name, value if isinstance(value, bytes) else storage(value))
                 for name, value in records
             ]
-            return SaveRequest(dest, described, _write_records, {}, append, fs, durable)
-        storages = [storage(loc) for loc in records]
-        target, tags = _GraphUnpickler(io.BytesIO(data), storages).load()
-        return SaveRequest(
-            dest, target, rest["savefun"], rest["kwds"], append, fs, durable, list(tags)
-        )
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit at once when the trainer is gone (the save in flight, if any, is abandoned:
-    its temporary file is removed by the next writer that opens the directory)."""
-    first_ppid = os.getppid()
-    try:
-        pidfd: int | None = os.pidfd_open(parent_pid)
-    except ProcessLookupError:
-        os._exit(3)
-    except OSError:  # no pidfd here: the parent pid alone
-        pidfd = None
-    while True:
-        if pidfd is not None:
-            if select.select([pidfd], [], [], PARENT_POLL_SECONDS)[0]:
-                os._exit(3)  # the trainer exited (even if its parent did not reap it)
-        else:
-            time.sleep(PARENT_POLL_SECONDS)
-        if os.getppid() != first_ppid:
-            os._exit(3)
-
-
-def serve(conn: Connection, parent_pid: int) -> None:
-    """Entry point of the saving process: run saves until told to stop (``None``) or
-    the pipe closes; exits when the trainer dies."""
-    with contextlib.suppress(ValueError, OSError):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    threading.Thread(
-        target=_watch_parent, args=(parent_pid,), name="snapwriter-watch", daemon=True
-    ).start()
-    state = _ChildState()
-    while True:
-        try:
-            raw = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        try:
-            message = pickle.loads(raw)
-        except Exception as exc:  # a save whose savefun/fs does not unpickle here
-            _send_outcome(
-                conn,
-                "error",
-                ChildProcessFailure(f"the saving process could not receive the save: {exc!r}"),
+            request = SaveRequest(
+                dest, described, _write_records, {}, append, fs, durable, options=options
             )
-            continue
-        if message is None:
-            return
-        if message[0] == "segment":
-            _, seg_id, size = message
-            state.maps.add(seg_id, reduction.recv_handle(conn), size)
-            continue
-        _send_outcome(conn, "started", None)
-        try:
-            outcome = execute_save_blocking(state.request(message[1]))
-        except Exception as exc:
-            _send_outcome(conn, "error", exc)
         else:
-            _send_outcome(conn, "ok", outcome)
-
-
-def serve_fd(fd: int, parent_pid: int) -> None:
-    """Entry point of a saving process started as a fresh interpreter."""
-    serve(Connection(fd), parent_pid)
+            storages = [storage(loc) for loc in records]
+            target, tags = _GraphUnpickler(io.BytesIO(data), storages).load()
+            request = SaveRequest(
+                dest,
+                target,
+                rest["savefun"],
+                rest["kwds"],
+                append,
+                fs,
+                durable,
+                list(tags),
+                options=options,
+            )
+        return execute_save_blocking(request)
 
 
 # -- the parent's side --------------------------------------------------------------------
 
 
 class _Zygote:
-    """A fresh interpreter (``python -c``) that has imported torch and snapwriter and
-    forks saving processes on request: like multiprocessing's ``forkserver`` with torch
-    preloaded, but it never imports the program's ``__main__`` (an unguarded training
-    script is not run again) and the savers it forks hold nothing of the trainer's
-    memory. One per trainer process, started by the first default-mode process writer;
-    it exits with the trainer (its control socket closes, or its parent changes).
+    """A fresh interpreter (``python -c``) that has imported snapwriter's saving side
+    (:mod:`snapwriter._saver_child`, no torch) and forks saving processes on request:
+    like multiprocessing's ``forkserver``, but it never imports the program's
+    ``__main__`` (an unguarded training script is not run again) and the savers it forks
+    hold nothing of the trainer's memory. One per trainer process, started by the first
+    default-mode process writer; it exits with the trainer (its control socket closes,
+    or its parent changes).
     """
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (
-            f"import sys; sys.path[:0] = {list(sys.path)!r}; "
-            f"from snapwriter._saver import zygote_main; "
+            f"import sys, importlib.util; sys.path[:0] = {list(sys.path)!r}; "
+            # the package without its __init__ (which imports torch): see _saver_child
+            "spec = importlib.util.find_spec('snapwriter'); "
+            "sys.modules['snapwriter'] = importlib.util.module_from_spec(spec); "
+            "from snapwriter._saver_child import zygote_main; "
             f"zygote_main({theirs.fileno()}, {os.getpid()})"
         )
         try:
@@ -406,72 +416,14 @@ def zygote() -> _Zygote:
         return _zygote
 
 
-#: Set in a process forked from one with writers (``os.fork()`` in the program): its own
-#: process writers fork their saving process from it rather than starting a zygote
-#: interpreter (seconds of torch import) of their own.
-_forked_child = False
-
-
 def _forget_zygote_after_fork() -> None:
-    global _zygote, _zygote_lock, _forked_child
-    _forked_child = True
+    """In a process forked from this one: the parent's zygote is not ours (a writer
+    here starts this process's own)."""
+    global _zygote, _zygote_lock
     _zygote_lock = threading.Lock()
     if _zygote is not None:
         _zygote.close()  # our copy of the parent's control socket
     _zygote = None
-
-
-def zygote_main(fd: int, trainer_pid: int) -> None:
-    """Entry point of the zygote: fork savers on request until the trainer is gone."""
-    with contextlib.suppress(ValueError, OSError):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctl = socket.socket(fileno=fd)
-    first_ppid = os.getppid()
-    while True:
-        ready, _, _ = select.select([ctl], [], [], PARENT_POLL_SECONDS)
-        if os.getppid() != first_ppid:
-            os._exit(0)
-        if not ready:
-            continue
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 4)
-        except OSError:
-            os._exit(0)
-        if not data:
-            os._exit(0)
-        request = pickle.loads(data)
-        if request[0] == "spawn":
-            pid = os.fork()
-            if pid == 0:
-                ctl.close()
-                code = 0
-                try:
-                    serve(Connection(fds[0]), trainer_pid)
-                except BaseException:
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    os._exit(code)
-            for received in fds:
-                os.close(received)
-            reply: Any = pid
-        else:
-            reply = _reap(request[1])
-        ctl.sendall(pickle.dumps(reply))
-
-
-def _reap(pid: int) -> int | None:
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.01)
 
 
 class _Forked:
@@ -530,15 +482,14 @@ class SaverProcess:
 
     def prestart(self) -> None:
         """Get the default start method ready (the zygote) before the first save."""
-        if self._context is None and not _forked_child:
+        if self._context is None:
             prestart()
 
     @property
     def start_method(self) -> str:
-        """``"zygote"`` (the default; ``"fork"`` in a process forked from a trainer) or
-        the start method of the writer's ``mp_context``."""
+        """``"zygote"`` (the default) or the start method of the writer's ``mp_context``."""
         if self._context is None:
-            return "fork" if _forked_child else "zygote"
+            return "zygote"
         return get_context(self._context).get_start_method()
 
     def stats(self) -> SaverStats:
@@ -559,7 +510,7 @@ class SaverProcess:
 
     def _start(self) -> None:
         self._stop_quietly()
-        if self._context is None and not _forked_child:
+        if self._context is None:
             ours, theirs = socket.socketpair()
             try:
                 parent = zygote()
@@ -607,7 +558,13 @@ class SaverProcess:
             if last[1] == prepared.records:
                 records = None
         self._last[prepared.kind] = (prepared.data, prepared.records)
-        body = {"kind": prepared.kind, "data": data, "records": records, "rest": prepared.rest}
+        body = {
+            "kind": prepared.kind,
+            "data": data,
+            "records": records,
+            "rest": prepared.rest,
+            "plan": prepared.plan,
+        }
         try:
             return pickle.dumps(("save", body), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -637,7 +594,8 @@ class SaverProcess:
                     break
         kind, payload = reply
         if kind == "ok":
-            return payload  # type: ignore[no-any-return]
+            nbytes, write_seconds, commit_seconds = payload
+            return WriteOutcome(nbytes, write_seconds, commit_seconds)
         raise payload
 
     def _hand_over(self, prepared: _Prepared, path: str, *, last_try: bool) -> Any:

@@ -6,8 +6,8 @@ in the trainer). A segment crosses to the saving process once, as one file descr
 when a save first refers to it; the child maps it and closes the descriptor, so neither
 side holds a descriptor per tensor (the trainer keeps one per segment, to hand the
 segments to a restarted child). A save then only names ``(segment, offset, nbytes)``
-per storage, and the child builds its storages over its own mappings
-(:class:`Mappings`).
+per storage, and the child reads them from its own mappings
+(:class:`snapwriter._saver_child.Mappings`).
 
 Sizing: segments grow in chunks of at least :data:`CHUNK_BYTES` (64 MiB), each new
 chunk as large as everything reserved so far (at most :data:`MAX_CHUNK_BYTES`), so a
@@ -36,7 +36,7 @@ import torch
 
 from ._pool import allocate_host
 
-__all__ = ("ALIGNMENT", "CHUNK_BYTES", "Mappings", "Segment", "SharedMemory", "ShmStats")
+__all__ = ("ALIGNMENT", "CHUNK_BYTES", "Segment", "SharedMemory", "ShmStats")
 
 ALIGNMENT = 64
 CHUNK_BYTES = 64 << 20
@@ -252,24 +252,3 @@ class SharedMemory:
             self._current = None
         for segment in segments:
             segment.close_fd()
-
-
-class Mappings:
-    """The saving process's side: segments mapped once each, storages built over them."""
-
-    def __init__(self) -> None:
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def add(self, seg_id: int, fd: int, size: int) -> None:
-        """Map segment ``seg_id`` from ``fd`` (closed here: the mapping is enough)."""
-        try:
-            self._maps[seg_id] = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-
-    def storage(self, where: Location) -> torch.UntypedStorage:
-        """The storage at ``where`` (a new object over the shared bytes)."""
-        seg_id, offset, nbytes = where
-        if nbytes == 0:
-            return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
-        return _storage_over(self._maps[seg_id], offset, nbytes)[0]

@@ -342,6 +342,20 @@ class Storage:
 
     # -- commit (coroutines: never block the loop) --------------------------------------
 
+    def commit(self, tmp: str, dest: Destination) -> None:
+        """:meth:`acommit`, blocking (the saving process: no event loop there)."""
+        try:
+            if self.is_local:
+                os.replace(self.local(tmp), self.local(dest.path))
+            else:
+                move = getattr(self.fs, "commit_rename", None) or self.fs.rename
+                move(tmp, dest.path)
+        except BaseException:
+            self.remove_quietly(tmp)
+            raise
+        if self.durable and self.is_local:
+            fsync_directory(self.local(dest.directory))
+
     async def acommit(self, tmp: str, dest: Destination) -> None:
         """Atomically move ``tmp`` onto ``dest.path`` and make the rename durable."""
         try:
