@@ -48,7 +48,6 @@ import stat
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -67,7 +66,7 @@ from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
 from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
-from ._ziparchive import SERIALIZATION_ID, ArchivePlan, head_records
+from ._ziparchive import SERIALIZATION_ID, ArchivePlan, head_records, read_record
 from ._ziparchive import write_archive as write_pure
 
 if TYPE_CHECKING:
@@ -313,9 +312,10 @@ def archive_plan(names: list[str], *, key: Any = None) -> ArchivePlan:
         path = os.path.join(directory, "archive")
         writer = _file_writer(path)
         _write_with(writer, [(name, b"") for name in names], [0] * len(names))
-        with zipfile.ZipFile(path) as archive:
-            version = archive.read("archive/version") if "version" not in names else b""
-            ident = archive.read(f"archive/{SERIALIZATION_ID}").decode()
+        with open(path, "rb") as f:
+            scratch = f.read()
+    version = read_record(scratch, "version") if "version" not in names else b""
+    ident = read_record(scratch, SERIALIZATION_ID).decode()
     plan = ArchivePlan("archive", alignment, version, int(ident[:20]))
     with _plans_lock:
         _plans[cache_key] = plan

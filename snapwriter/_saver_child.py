@@ -9,8 +9,8 @@ instead of torch's 200). torch is imported, once per saving process, only for wh
 trainer cannot describe that way: a custom ``savefun`` (it gets the object graph), an
 archive past 4 GiB, or a torch whose archive format the trainer could not reproduce.
 
-Nothing here may import torch at module level (``tests/test_saver.py`` checks that a
-saver serving plain saves never loads it).
+Nothing here may import torch at module level (``tests/test_ziparchive.py`` checks
+that a saver serving plain saves never loads it).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from snapwriter._fastsave import (
     pickle_state,
     pure_archives,
 )
-from snapwriter._ziparchive import ArchivePlan, fits, write_archive
+from snapwriter._ziparchive import ArchivePlan, fits, read_record, write_archive
 
 
 def _view(storage: torch.UntypedStorage) -> memoryview:
@@ -215,3 +215,16 @@ def test_the_callers_torch_save_options_are_the_files(
             w(f"s{i}.pt", "", state).result(timeout=120)
     for i, state in enumerate(states):
         assert (tmp_path / f"s{i}.pt").read_bytes() == _torch_save(state), i
+
+
+def test_read_record_finds_a_record_by_its_local_header() -> None:
+    records = [("version2", b"not it"), ("data/10", b"ten"), ("data/1", b"one"), ("version", b"")]
+    out = io.BytesIO()
+    write_archive(out, records, archive_plan([name for name, _ in records]))
+    archive = out.getvalue()
+    assert read_record(archive, "data/1") == b"one"  # not data/10, nor a directory entry
+    assert read_record(archive, "version2") == b"not it"
+    assert read_record(archive, "version") == b""
+    assert len(read_record(archive, ".data/serialization_id")) == 40
+    with pytest.raises(KeyError):
+        read_record(archive, "data/2")
