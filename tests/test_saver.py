@@ -282,3 +282,39 @@ def test_shared_blocks_come_back_when_their_storage_is_gone() -> None:
         assert shm.stats.blocks == 2 + 200 * 50
     finally:
         shm.close()
+
+
+def test_a_forked_trainer_gets_its_own_zygote_not_a_fork_of_itself(tmp_path: Path) -> None:
+    """A process forked from one that imported snapwriter (a launcher, a benchmark
+    driver) still saves through a fresh, torch-free zygote: its saving process holds no
+    copy of the trainer's memory (which the trainer's next writes would duplicate)."""
+    code = """
+        import os, sys, torch, snapwriter, snapwriter._saver
+        state = {"v": torch.ones(1000)}
+        pid = os.fork()
+        if pid == 0:
+            with snapwriter.ProcessWriter(out_dir=sys.argv[1]) as w:
+                w("a.pt", "", state).result(timeout=200)
+                saver = w.saver_stats().pid
+                zygote = snapwriter._saver._zygote.pid
+                with open(f"/proc/{saver}/maps") as f:
+                    torch_in_saver = "libtorch" in f.read()
+                with open(f"/proc/{zygote}/cmdline") as f:
+                    fresh = "_saver_child" in f.read()
+                print(os.getpid(), saver, zygote, torch_in_saver, fresh, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=200,
+        check=True,
+    )
+    child, saver, zygote, torch_in_saver, fresh = proc.stdout.split()
+    assert torch_in_saver == "False" and fresh == "True", proc.stdout
+    assert saver != child and zygote != child
+    assert torch.equal(load(tmp_path / "a.pt")["v"], torch.ones(1000))
