@@ -100,6 +100,8 @@ class _Job:
     out_dir: str = ""
     #: This call's part in a rank set (ppe's SHARDED mode, RankSetWriter), if any.
     rank_set: SetRole | None = None
+    #: The child forked at the call that writes it (``ProcessWriter(staging="fork")``).
+    forked: Any = None
 
 
 def worker_filename(writer_out_dir: str, dest: Destination) -> str:

@@ -80,6 +80,7 @@ __all__ = (
     "fast_torch_save",
     "pickle_state",
     "pure_archives",
+    "save_and_measure",
     "save_options",
     "using_save_options",
     "write_archive",
@@ -480,8 +481,17 @@ def fast_torch_save(obj: Any, f: IO[bytes], *, layout: Layout | None = None) -> 
     Raises:
         Whatever ``torch.save`` raises for ``obj`` (the fallback runs it).
     """
+    save_and_measure(obj, f, layout=layout)
+
+
+def save_and_measure(
+    obj: Any, f: IO[bytes], *, layout: Layout | None = None
+) -> tuple[int, int] | None:
+    """:func:`fast_torch_save`; returns the number of storage records and their bytes,
+    or None when ``torch.save`` itself wrote the file."""
     pickled = layout.pickle(obj) if layout is not None else pickle_state(obj)
     if pickled is None:
         torch.save(obj, f)
-        return
+        return None
     write_archive(f, pickled)
+    return len(pickled.storages), sum(storage.nbytes() for _, storage in pickled.storages)

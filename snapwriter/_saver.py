@@ -109,6 +109,7 @@ class SaverStats:
         segments, reserved_bytes, blocks: shared staging memory (see
             :class:`~snapwriter._shm.ShmStats`).
         segments_sent: segments handed to a saving process (each once per process).
+        forked: saves written by a child forked at the call (``staging="fork"``).
     """
 
     starts: int = 0
@@ -119,6 +120,7 @@ class SaverStats:
     reserved_bytes: int = 0
     blocks: int = 0
     segments_sent: int = 0
+    forked: int = 0
 
 
 # -- the description of one save ----------------------------------------------------------

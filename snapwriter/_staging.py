@@ -123,6 +123,7 @@ class StagedTarget:
     Attributes:
         value: the staged copy, ready to hand to ``savefun`` once :meth:`wait` returned.
         tensor_bytes: bytes of storage data copied into staging buffers.
+        storages: how many storages were staged.
         seconds: wall time the call spent staging.
         device_tags: ``(staged storage, "cuda:N")`` for every storage staged from a
             CUDA tensor, for :func:`snapwriter._pool.device_tags` while writing.
@@ -132,6 +133,7 @@ class StagedTarget:
 
     value: Any
     tensor_bytes: int = 0
+    storages: int = 0
     seconds: float = 0.0
     device_tags: list[tuple[torch.UntypedStorage, str]] = field(default_factory=list)
     layout: Layout | None = None
@@ -223,6 +225,7 @@ class Stager:
         return StagedTarget(
             value=value,
             tensor_bytes=sum(slot.nbytes for slot in slots),
+            storages=len(slots),
             seconds=time.perf_counter() - start,
             device_tags=walk.device_tags,
             layout=layout,

@@ -11,6 +11,7 @@ process (:mod:`snapwriter._saver`; staging into shared memory, :mod:`snapwriter.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -22,13 +23,15 @@ import torch
 
 from ._base import SaveFun, Writer, _Job, worker_filename
 from ._coordination import is_marker_call
+from ._cow import ForkedSave, many_small_storages, unforkable
 from ._exceptions import ChildProcessFailure, InvalidSnapshotArgument, WriterBusyError
 from ._handle import SnapshotHandle, SnapshotResult, await_any
-from ._process import MpContext, ProcessWorker, check_context
+from ._process import MpContext, ProcessWorker, _track, _untrack, check_context
 from ._save import SaveRequest, WriteOutcome
 from ._saver import NotPicklable, SaverProcess, SaverStats, saver_supported
 from ._shm import SharedMemory
 from ._staging import Stager
+from ._storage import Storage
 
 __all__ = ("ProcessWriter", "StandardWriter", "ThreadWriter")
 
@@ -200,10 +203,14 @@ class StandardWriter(Writer):
         else:
             self._take_room(request.dest.path)
         staged = None
+        forked = None
         try:
             self._check_open()
             start = time.perf_counter()
+            call_out_dir = self._check_call_out_dir(out_dir)
             if do_stage:
+                forked = self._fork_snapshot(request)
+            if do_stage and forked is None:
                 staged = self._stager.stage(target, check_pickle=request.savefun is torch.save)
                 request.target = staged.value
                 request.device_tags = staged.device_tags
@@ -214,14 +221,23 @@ class StandardWriter(Writer):
                 staged=staged,
                 stage_seconds=time.perf_counter() - start,
                 called_at=start,
-                out_dir=self._check_call_out_dir(out_dir),
+                out_dir=call_out_dir,
+                forked=forked,
             )
             return self._submit(job, on_done=room.release)
         except BaseException:
             if staged is not None:
                 self._stager.release(staged)
+            if forked is not None:
+                forked.kill()
+                forked.join()
             room.release()
             raise
+
+    def _fork_snapshot(self, request: SaveRequest) -> Any:
+        """A child forked now that writes ``request`` (a copy-on-write snapshot), or
+        None to stage as usual. Only ``ProcessWriter(staging="fork")`` forks."""
+        return None
 
     def _take_room(self, path: str) -> None:
         """Take one of the ``max_pending`` slots; block for it unless that would block a
@@ -375,14 +391,24 @@ class ProcessWriter(StandardWriter):
     replaced by the next save if it dies (the save it was running fails with
     :class:`ChildProcessFailure` naming the file and how it died), stopped by
     :meth:`finalize`/:meth:`aclose`, and gone within a fraction of a second when the
-    trainer dies. By default it is forked from a zygote interpreter that has imported
-    torch (started when the writer is created; never a copy of the trainer's memory);
+    trainer dies. By default it is forked from a small zygote interpreter that imports
+    no torch (started when the writer is created; never a copy of the trainer's memory);
     with ``mp_context`` it is started with that context instead. Staging copies the
     target into shared segments (:mod:`snapwriter._shm`), each sent to the child once as
     one file descriptor; per save only ``data.pkl`` (pickled in the writer's background
     thread) and ``(segment, offset, nbytes)`` per storage cross the pipe, and the child
     writes torch.save's very file with the usual atomic, durable commit. Without memfd
     segments and pidfds (not Linux), each save runs in a child process of its own.
+
+    With ``staging="fork"`` a call copies nothing: it forks the trainer (a few
+    milliseconds, whatever the number of tensors), and the forked child writes the
+    state as it was at the call, copy-on-write, into the temporary file that the writer
+    then commits (:mod:`snapwriter._cow`). For states of many small CPU tensors, where
+    copying costs microseconds per tensor; the trainer's pages written while the child
+    lives are copied by the kernel (up to 1x the state in extra memory). Calls that a
+    fork cannot save (CUDA initialised, a remote file system, ``append=True``) stage
+    into shared memory as usual. Errors in non-tensor objects that staging reports in
+    the call surface through the handle instead.
 
     ``savefun`` and ``fs`` must pickle (a closure works only under ``fork``, where such a
     save falls back to a child forked for it). A subclass that overrides
@@ -392,6 +418,11 @@ class ProcessWriter(StandardWriter):
     Args:
         mp_context: a :mod:`multiprocessing` context or start-method name for the saving
             process; ``None``: the zygote (see above).
+        staging: ``"shared"`` (copy into shared memory, the default), ``"fork"`` (a
+            copy-on-write snapshot per call, see above) or ``"auto"``: fork when the
+            writer's previous save held many small storages
+            (:func:`~snapwriter._cow.many_small_storages`: at least 1,000 of 8 KiB or
+            less on average), stage into shared memory otherwise.
         Other arguments: as :class:`StandardWriter`.
     """
 
@@ -402,11 +433,20 @@ class ProcessWriter(StandardWriter):
         out_dir: str = "",
         *,
         mp_context: MpContext = None,
+        staging: str = "shared",
         **kwds: Any,
     ) -> None:
         super().__init__(savefun, fs, out_dir, **kwds)
         _check_shareable(self.fs, type(self).__name__)
         self._mp_context = check_context(mp_context)
+        if staging not in ("shared", "fork", "auto"):
+            raise InvalidSnapshotArgument(
+                f"staging must be 'shared', 'fork' or 'auto', not {staging!r}"
+            )
+        self.staging = staging
+        self._forked_saves = 0
+        #: (storages, bytes) of the last save: what ``staging="auto"`` decides on
+        self._shape: tuple[int, int] | None = None
         self._saver: SaverProcess | None = None
         if self._uses_saver():
             self._shm = SharedMemory()
@@ -422,11 +462,31 @@ class ProcessWriter(StandardWriter):
         return getattr(type(self), "create_worker", None) is _PROCESS_CREATE_WORKER
 
     def saver_stats(self) -> SaverStats | None:
-        """Counters of the saving process (starts, pid, segments sent...), or None when
-        saves go through ``create_worker`` workers instead."""
-        return None if self._saver is None else self._saver.stats()
+        """Counters of the saving process (starts, pid, segments sent...) and of the
+        saves written by a child forked at the call, or None when saves go through
+        ``create_worker`` workers instead."""
+        if self._saver is None:
+            return None
+        return dataclasses.replace(self._saver.stats(), forked=self._forked_saves)
+
+    def _fork_snapshot(self, request: SaveRequest) -> ForkedSave | None:
+        if self.staging == "shared" or self._saver is None or not self._uses_saver():
+            return None
+        if self.staging == "auto" and not many_small_storages(self._shape):
+            return None
+        if unforkable(request) is not None:
+            return None
+        forked = ForkedSave(request)
+        _track(forked)
+        with self._lock:
+            self._forked_saves += 1
+        return forked
 
     async def _write_job(self, job: _Job) -> WriteOutcome:
+        if job.forked is not None:
+            return await self._finish_forked(job)
+        if job.staged is not None:
+            self._shape = (job.staged.storages, job.staged.tensor_bytes)
         saver = self._saver
         if saver is None or not self._uses_saver():
             return await super()._write_job(job)
@@ -439,6 +499,21 @@ class ProcessWriter(StandardWriter):
             return await super()._write_job(job)
         await anyio.to_thread.run_sync(self._post_save)
         return outcome
+
+    async def _finish_forked(self, job: _Job) -> WriteOutcome:
+        """Wait for the child forked at the call, then commit its temporary file."""
+        forked, request = job.forked, job.request
+        try:
+            tmp, nbytes, write_seconds, shape = await anyio.to_thread.run_sync(forked.wait)
+        finally:
+            _untrack(forked)
+        if shape is not None:
+            self._shape = shape
+        start = time.perf_counter()
+        await Storage(request.fs, durable=request.durable).acommit(tmp, request.dest)
+        commit_seconds = time.perf_counter() - start
+        await anyio.to_thread.run_sync(self._post_save)
+        return WriteOutcome(nbytes, write_seconds, commit_seconds)
 
     def _stop_background(self) -> None:
         super()._stop_background()

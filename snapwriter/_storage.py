@@ -248,8 +248,12 @@ class Storage:
         savefun: Callable[..., Any],
         target: Any,
         kwds: dict[str, Any],
+        *,
+        tmp: str | None = None,
     ) -> tuple[str, int]:
-        """Serialize ``target`` into a fresh temporary file next to ``dest``.
+        """Serialize ``target`` into a fresh temporary file next to ``dest`` (named
+        ``tmp`` when given: a name from :func:`temp_name_for` made by the process that
+        commits it).
 
         Returns:
             The temporary path and the number of bytes written.
@@ -262,7 +266,8 @@ class Storage:
         """
         self._check(dest)
         self.makedirs(dest.directory)
-        tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
+        if tmp is None:
+            tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
         recorder: _WriteErrorRecorder | None = None
         try:
             with self.fs.open(tmp, "wb") as f:

@@ -250,6 +250,8 @@ def writers() -> dict[str, Callable[[str], Adapter]]:
         "snap.Process": _snap(lambda d: sw.ProcessWriter(out_dir=d)),
         "snap.Process(fork)": _snap(lambda d: sw.ProcessWriter(out_dir=d, mp_context="fork")),
         "snap.Process(spawn)": _snap(lambda d: sw.ProcessWriter(out_dir=d, mp_context="spawn")),
+        "snap.Process(cow)": _snap(lambda d: sw.ProcessWriter(out_dir=d, staging="fork")),
+        "snap.Process(auto)": _snap(lambda d: sw.ProcessWriter(out_dir=d, staging="auto")),
         "snap.ProcessQueue": _snap(lambda d: sw.ProcessQueueWriter(out_dir=d)),
         "snap.ProcessQueue(fork)": _snap(
             lambda d: sw.ProcessQueueWriter(out_dir=d, mp_context="fork")
@@ -276,6 +278,8 @@ WRITER_NAMES = (
     "snap.Process",
     "snap.Process(fork)",
     "snap.Process(spawn)",
+    "snap.Process(cow)",
+    "snap.Process(auto)",
     "snap.ProcessQueue",
     "snap.ProcessQueue(fork)",
     "snap.ThreadQueue",
@@ -310,12 +314,16 @@ SWEEP_WRITERS = ("memcpy", "torch.save+fsync", DEFAULT_WRITER)
 SNAP_ASYNC = (
     "snap.Standard",
     "snap.Process",
+    "snap.Process(auto)",
     "snap.ProcessQueue",
     "snap.Process(fork)",
     "snap.Process(spawn)",
     "snap.ProcessQueue(fork)",
     "snap.ThreadQueue",
 )
+#: The candidates of the "best writer" targets on many tensors: also the writer option
+#: made for them only (``staging="fork"``: a fork per save, costly on large states).
+SNAP_BEST = (*SNAP_ASYNC, "snap.Process(cow)")
 #: ``--compare``: the baselines the ratios need, then ours beside ppe's and DCP's.
 COMPARE_WRITERS = (
     "memcpy",
@@ -323,6 +331,8 @@ COMPARE_WRITERS = (
     "torch.save+fsync",
     "snap.Standard",
     "snap.Process",
+    "snap.Process(auto)",
+    "snap.Process(cow)",
     "snap.ProcessQueue",
     "snap.ThreadQueue",
     "ppe.Thread",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import DEFAULT_WRITER, MiB
-from .contenders import SNAP_ASYNC
+from .contenders import SNAP_ASYNC, SNAP_BEST
 from .report import median
 
 
@@ -168,7 +168,7 @@ def _figure(report: dict[str, Any], wl: str, metric: str, bound: float, fmt: str
 
 def _best(report: dict[str, Any], wl: str) -> list[dict[str, Any]]:
     """The best asynchronous snapwriter writer (least lost) on a many-tensor workload."""
-    lost = {w: v for w in SNAP_ASYNC if (v := median(report, w, wl, "lost_s")) is not None}
+    lost = {w: v for w in SNAP_BEST if (v := median(report, w, wl, "lost_s")) is not None}
     best = min(lost, key=lambda w: lost[w]) if lost else None
     ppe = median(report, "ppe.Process", wl, "lost_s")
     prefix = "best snapwriter writer"

@@ -33,6 +33,7 @@ WRITERS: dict[str, WriterFactory] = {
     "ThreadWriter": lambda **kw: snapwriter.ThreadWriter(**kw),
     "ProcessWriter-fork": lambda **kw: snapwriter.ProcessWriter(mp_context="fork", **kw),
     "ProcessWriter-spawn": lambda **kw: snapwriter.ProcessWriter(mp_context="spawn", **kw),
+    "ProcessWriter-forkstaging": lambda **kw: snapwriter.ProcessWriter(staging="fork", **kw),
     "QueueWriter": lambda **kw: snapwriter.QueueWriter(**kw),
     "ThreadQueueWriter": lambda **kw: snapwriter.ThreadQueueWriter(**kw),
     "ProcessQueueWriter-fork": lambda **kw: snapwriter.ProcessQueueWriter(mp_context="fork", **kw),
