@@ -24,13 +24,13 @@ call stages into shared memory as usual (:func:`unforkable` says why).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
 import pickle
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -40,9 +40,9 @@ import torch
 
 from ._exceptions import ChildProcessFailure
 from ._fastsave import save_and_measure, using_save_options
-from ._paths import temp_name_for
 from ._process import _describe_exit
 from ._save import SaveRequest
+from ._saver_child import watch_parent as _watch_parent
 from ._storage import Storage
 
 __all__ = (
@@ -52,8 +52,6 @@ __all__ = (
     "many_small_storages",
     "unforkable",
 )
-
-_PR_SET_PDEATHSIG = 1
 
 #: ``staging="auto"`` forks for states of at least this many storages...
 AUTO_MIN_STORAGES = 1000
@@ -100,7 +98,7 @@ class ForkedSave:
         self.path = request.dest.path
         #: named here, by the process that commits it: the writer's own clean-ups
         #: (which remove a dead process's temporary files) leave it alone
-        self.tmp = os.path.join(request.dest.directory, temp_name_for(request.dest.basename))
+        self.tmp = Storage.temp_path(request.dest)
         read_fd, write_fd = os.pipe()
         parent = os.getpid()
         with warnings.catch_warnings():
@@ -188,9 +186,9 @@ def _child(request: SaveRequest, tmp: str, write_fd: int, parent: int) -> None:
         gc.disable()  # a collection would touch (and copy) every page of the trainer's heap
         with contextlib.suppress(Exception):
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the trainer died before the line above
-            os._exit(3)
+        # gone within a fraction of a second of the trainer (not PR_SET_PDEATHSIG: that
+        # fires when the *thread* that forked exits, and callers' threads come and go)
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
         start = time.perf_counter()
         shape: list[tuple[int, int] | None] = [None]
         if request.plain_torch_save:

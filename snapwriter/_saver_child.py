@@ -34,7 +34,7 @@ from ._exceptions import ChildProcessFailure
 from ._storage import Storage
 from ._ziparchive import head_records, write_archive
 
-__all__ = ("Mappings", "send_outcome", "serve", "zygote_main")
+__all__ = ("Mappings", "send_outcome", "serve", "watch_parent", "zygote_main")
 
 #: How often the saving process checks that the trainer still lives (seconds).
 PARENT_POLL_SECONDS = 0.25
@@ -172,7 +172,7 @@ class _ChildState:
         return outcome.nbytes, outcome.write_seconds, outcome.commit_seconds
 
 
-def _watch_parent(parent_pid: int) -> None:
+def watch_parent(parent_pid: int) -> None:
     """Exit at once when the trainer is gone (the save in flight, if any, is abandoned:
     its temporary file is removed by the next writer that opens the directory)."""
     first_ppid = os.getppid()
@@ -198,7 +198,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     threading.Thread(
-        target=_watch_parent, args=(parent_pid,), name="snapwriter-watch", daemon=True
+        target=watch_parent, args=(parent_pid,), name="snapwriter-watch", daemon=True
     ).start()
     state = _ChildState()
     while True:

@@ -474,6 +474,10 @@ class ProcessWriter(StandardWriter):
             return None
         if self.staging == "auto" and not many_small_storages(self._shape):
             return None
+        if request.dest.out_dir not in self._initialized_dirs:
+            # the first save into a directory stages: the clean-up of dead saves'
+            # temporary files runs before it, never beside a child already writing one
+            return None
         if unforkable(request) is not None:
             return None
         forked = ForkedSave(request)

@@ -242,6 +242,12 @@ class Storage:
 
     # -- write (blocking: worker thread or child process) -------------------------------
 
+    @staticmethod
+    def temp_path(dest: Destination) -> str:
+        """A fresh temporary path next to ``dest``, named for this process (its
+        clean-ups leave it alone while the process lives)."""
+        return os.path.join(dest.directory, temp_name_for(dest.basename))
+
     def write_temp(
         self,
         dest: Destination,
@@ -252,8 +258,7 @@ class Storage:
         tmp: str | None = None,
     ) -> tuple[str, int]:
         """Serialize ``target`` into a fresh temporary file next to ``dest`` (named
-        ``tmp`` when given: a name from :func:`temp_name_for` made by the process that
-        commits it).
+        ``tmp`` when given: a :meth:`temp_path` of the process that commits it).
 
         Returns:
             The temporary path and the number of bytes written.
@@ -267,7 +272,7 @@ class Storage:
         self._check(dest)
         self.makedirs(dest.directory)
         if tmp is None:
-            tmp = os.path.join(dest.directory, temp_name_for(dest.basename))
+            tmp = self.temp_path(dest)
         recorder: _WriteErrorRecorder | None = None
         try:
             with self.fs.open(tmp, "wb") as f:

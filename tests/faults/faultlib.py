@@ -37,6 +37,7 @@ WRITERS: dict[str, tuple[str, str | None]] = {
     "thread": ("ThreadWriter", None),
     "process-fork": ("ProcessWriter", "fork"),
     "process-spawn": ("ProcessWriter", "spawn"),
+    "process-cow": ("ProcessWriter", "fork"),
     "queue": ("QueueWriter", None),
     "threadqueue": ("ThreadQueueWriter", None),
     "processqueue": ("ProcessQueueWriter", "fork"),
@@ -49,6 +50,11 @@ EXTRA_WRITERS: dict[str, tuple[str, str | None]] = {
     "processqueue-forkserver": ("ProcessQueueWriter", "forkserver"),
 }
 ALL_WRITERS = {**WRITERS, **EXTRA_WRITERS}
+#: Constructor options of a kind beyond its class and start method.
+WRITER_OPTIONS: dict[str, dict[str, Any]] = {
+    # a copy-on-write snapshot per call: the trainer forks, the child writes the file
+    "process-cow": {"staging": "fork"},
+}
 PROCESS_KINDS = {k for k, (cls, _ctx) in ALL_WRITERS.items() if cls.startswith("Process")}
 
 
@@ -68,6 +74,8 @@ def make_writer(kind: str, out_dir: str = "", **kwargs: Any) -> Any:
         kwargs.pop("max_pending", None)
     if ctx is not None:
         kwargs.setdefault("mp_context", ctx)
+    for key, value in WRITER_OPTIONS.get(kind, {}).items():
+        kwargs.setdefault(key, value)
     savefun = kwargs.pop("savefun", torch.save)
     fs = kwargs.pop("fs", None)
     return cls(savefun, fs, out_dir, **kwargs)

@@ -391,6 +391,8 @@ def bad_arguments(p: dict[str, Any]) -> None:
         od = kw.pop("out_dir", out_dir)
         if "mp_context" not in kw and faultlib.ALL_WRITERS[kind][1] is not None:
             kw["mp_context"] = faultlib.ALL_WRITERS[kind][1]
+        for key, value in faultlib.WRITER_OPTIONS.get(kind, {}).items():
+            kw.setdefault(key, value)
 
         def construct(savefun: Any = savefun, od: Any = od, kw: dict[str, Any] = kw) -> Any:
             w = cls(savefun, None, od, **kw)
