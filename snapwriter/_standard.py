@@ -474,12 +474,17 @@ class ProcessWriter(StandardWriter):
             return None
         if self.staging == "auto" and not many_small_storages(self._shape):
             return None
-        if request.dest.out_dir not in self._initialized_dirs:
-            # the first save into a directory stages: the clean-up of dead saves'
-            # temporary files runs before it, never beside a child already writing one
-            return None
         if unforkable(request) is not None:
             return None
+        directory = request.dest.out_dir
+        if directory not in self._initialized_dirs:
+            # the directory's clean-up of dead saves' temporary files runs now, before
+            # the fork, never beside a child already writing one (where it fails, the
+            # call stages and the save reports the error)
+            try:
+                self._initialize_dir(directory)
+            except Exception:
+                return None
         forked = ForkedSave(request)
         _track(forked)
         with self._lock:
