@@ -159,3 +159,49 @@ def test_auto_decision_rule() -> None:
     assert not many_small_storages((999, 999))  # too few to matter
     assert not many_small_storages((190, 512 << 20))
     assert not many_small_storages((5000, 5000 * 13_000))
+
+
+def _ppe_run(writer: Any, out: Path, epochs: int) -> tuple[list[str], Any]:
+    from pytorch_pfn_extras import training
+    from pytorch_pfn_extras.training import extensions
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = training.ExtensionsManager(
+        model, optimizer, epochs, iters_per_epoch=2, out_dir=str(out)
+    )
+    manager.extend(
+        extensions.snapshot(writer=writer, n_retains=2, autoload=True), trigger=(1, "epoch")
+    )
+    while not manager.stop_trigger:
+        with manager.run_iteration():
+            optimizer.zero_grad()
+            model(torch.ones(1, 3)).sum().backward()
+            optimizer.step()
+    writer.finalize()
+    names = sorted(os.listdir(out))
+    return names, torch.load(out / names[-1], weights_only=False)
+
+
+def test_ppe_snapshot_extension_against_ppes_own_process_writer(tmp_path: Path) -> None:
+    """ppe's snapshot extension (n_retains, autoload) with a forking snapwriter writer
+    keeps and writes what it keeps with ppe's own ProcessWriter."""
+    pytest.importorskip("pytorch_pfn_extras")
+    from pytorch_pfn_extras import writing
+
+    ours = _ppe_run(
+        snapwriter.ProcessWriter(out_dir=str(tmp_path / "ours"), staging="fork"),
+        tmp_path / "ours",
+        4,
+    )
+    theirs = _ppe_run(writing.ProcessWriter(out_dir=str(tmp_path / "ppe")), tmp_path / "ppe", 4)
+    assert ours[0] == theirs[0] == ["snapshot_iter_6", "snapshot_iter_8"]
+    for key in ("models", "optimizers"):
+        a, b = ours[1][key]["main"], theirs[1][key]["main"]
+        assert a.keys() == b.keys()
+        for name in a:
+            if isinstance(a[name], torch.Tensor):
+                assert torch.equal(a[name], b[name]), name
+            else:
+                assert a[name] == b[name], name
