@@ -419,10 +419,11 @@ class ProcessWriter(StandardWriter):
         mp_context: a :mod:`multiprocessing` context or start-method name for the saving
             process; ``None``: the zygote (see above).
         staging: ``"shared"`` (copy into shared memory, the default), ``"fork"`` (a
-            copy-on-write snapshot per call, see above) or ``"auto"``: fork when the
+            copy-on-write snapshot per call, see above) or ``"auto"``: the first save
+            forks (its child reports the state's shape), later ones fork while the
             writer's previous save held many small storages
             (:func:`~snapwriter._cow.many_small_storages`: at least 1,000 of 8 KiB or
-            less on average), stage into shared memory otherwise.
+            less on average) and stage into shared memory otherwise.
         Other arguments: as :class:`StandardWriter`.
     """
 
@@ -472,7 +473,11 @@ class ProcessWriter(StandardWriter):
     def _fork_snapshot(self, request: SaveRequest) -> ForkedSave | None:
         if self.staging == "shared" or self._saver is None or not self._uses_saver():
             return None
-        if self.staging == "auto" and not many_small_storages(self._shape):
+        if (
+            self.staging == "auto"
+            and self._shape is not None
+            and not many_small_storages(self._shape)
+        ):
             return None
         if unforkable(request) is not None:
             return None
@@ -516,8 +521,8 @@ class ProcessWriter(StandardWriter):
             tmp, nbytes, write_seconds, shape = await anyio.to_thread.run_sync(forked.wait)
         finally:
             _untrack(forked)
-        if shape is not None:
-            self._shape = shape
+        # a custom savefun's child cannot say: the next save stages, and learns
+        self._shape = shape if shape is not None else (0, 0)
         start = time.perf_counter()
         await Storage(request.fs, durable=request.durable).acommit(tmp, request.dest)
         commit_seconds = time.perf_counter() - start

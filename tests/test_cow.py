@@ -133,21 +133,28 @@ def test_auto_forks_once_a_save_showed_many_small_storages(tmp_path: Path) -> No
     small = {f"p{i}": torch.full((8,), float(i)) for i in range(2000)}
     large = {"w": torch.randn(64, 1024), "b": torch.randn(4096)}
     with snapwriter.ProcessWriter(out_dir=str(tmp_path), staging="auto") as w:
-        w("l0.pt", "", large).result(timeout=120)
+        w("l0.pt", "", large).result(timeout=120)  # the first save forks, and learns
+        assert _forked(w) == 1
         w("l1.pt", "", large).result(timeout=120)
-        assert _forked(w) == 0  # few large storages: staged
+        assert _forked(w) == 1  # few large storages: staged
         w("s0.pt", "", small).result(timeout=120)  # staged: that is how it learns
-        assert _forked(w) == 0
+        assert _forked(w) == 1
         for i in (1, 2):
             expected = _torch_save(small)
             handle = w(f"s{i}.pt", "", small)
             small["p0"].add_(1.0)  # after the call: not in the file
             handle.result(timeout=120)
             assert (tmp_path / f"s{i}.pt").read_bytes() == expected
-        assert _forked(w) == 2
+        assert _forked(w) == 3
         w("l2.pt", "", large).result(timeout=120)  # forked: the child says it was large
         w("l3.pt", "", large).result(timeout=120)
-        assert _forked(w) == 3
+        assert _forked(w) == 4
+        w("c0.pt", "", small, savefun=_save_with_pickle_protocol_2).result(timeout=120)
+        assert _forked(w) == 4  # after large: staged, and learns small again
+        w("c1.pt", "", small, savefun=_save_with_pickle_protocol_2).result(timeout=120)
+        assert _forked(w) == 5  # forked: a custom savefun's child cannot say
+        w("c2.pt", "", small).result(timeout=120)
+        assert _forked(w) == 5  # so this one stages
     assert (tmp_path / "l3.pt").read_bytes() == _torch_save(large)
 
 
@@ -205,3 +212,7 @@ def test_ppe_snapshot_extension_against_ppes_own_process_writer(tmp_path: Path) 
                 assert torch.equal(a[name], b[name]), name
             else:
                 assert a[name] == b[name], name
+
+
+def _save_with_pickle_protocol_2(obj: Any, f: Any) -> None:
+    torch.save(obj, f, pickle_protocol=2)
