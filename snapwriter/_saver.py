@@ -172,14 +172,15 @@ class _Prepared:
     plan: ArchivePlan | None = None
 
 
-def _plan(names: list[str], sizes: list[int], key: Any, crc32: bool) -> ArchivePlan | None:
-    """The archive plan of records ``names`` of ``sizes`` bytes, or None when the child
-    must write them with torch (CRC-32s off, this torch's archives not reproduced, or
-    zip64)."""
+def _plan(records: list[tuple[str, bytes | Location]], key: Any, crc32: bool) -> ArchivePlan | None:
+    """The archive plan of ``records`` (name, bytes or the place of a storage), or None
+    when the child must write them with torch (CRC-32s off, this torch's archives not
+    reproduced, or zip64)."""
     if not crc32 or not pure_archives():
         return None
-    plan = archive_plan(names, key=key)
-    return plan if fits(zip(names, sizes, strict=True), plan) else None
+    plan = archive_plan([name for name, _ in records], key=key)
+    sizes = ((name, len(v) if isinstance(v, bytes) else v[2]) for name, v in records)
+    return plan if fits(sizes, plan) else None
 
 
 def _prepare(
@@ -213,53 +214,40 @@ def _prepare(
         "durable": request.durable,
         "options": request.options,
     }
+    # torch.save's own records (.storage_alignment) and the archive plan follow the
+    # caller's options
     with using_save_options(request.options):
-        return _describe(request, rest, where, keep, segments, previous)
-
-
-def _describe(
-    request: SaveRequest,
-    rest: dict[str, Any],
-    where: Any,
-    keep: list[torch.UntypedStorage],
-    segments: set[int],
-    previous: _Prepared | None,
-) -> _Prepared:
-    target = request.target
-    crc32 = request.options[0]
-    if request.plain_torch_save:
-        with device_tags(request.device_tags):
-            pickled = request.pickle_target()
-            raw = None if pickled is not None else _torch_save_records(target)
-        if pickled is not None:
-            if previous is not None and previous.pickled is pickled and not previous.keep:
-                # the very same staged storages (kept alive by ``pickled``): same places
-                records, segments = previous.records, previous.segments
-                plan = previous.plan
-            else:
-                records = [(key, where(storage)) for key, storage in pickled.storages]
-                plan = None
-            if plan is None:
-                names = [name for name, _ in archive_records(pickled.data, records)]
-                sizes = [len(pickled.data), 1, 2, 6] + [loc[2] for _, loc in records]
-                plan = _plan(names, sizes, ("fast", tuple(key for key, _ in records)), crc32)
-            return _Prepared("fast", pickled.data, records, rest, keep, segments, pickled, plan)
-        if raw is not None and raw and raw[0][0] == "data.pkl":
-            described = [
-                (name, value if isinstance(value, bytes) else where(value))
-                for name, value in raw[1:]
-            ]
-            names = ["data.pkl", *(name for name, _ in described)]
-            sizes = [len(raw[0][1])]
-            sizes += [len(v) if isinstance(v, bytes) else v[2] for _, v in described]
-            plan = _plan(names, sizes, None, crc32)
-            return _Prepared("records", raw[0][1], described, rest, keep, segments, None, plan)
-    pickler_buffer = io.BytesIO()
-    pickler = _GraphPickler(pickler_buffer)
-    pickler.dump((target, request.device_tags))
-    locations = [where(storage) for storage in pickler.storages]
-    rest.update(savefun=request.savefun, kwds=request.kwds)
-    return _Prepared("graph", pickler_buffer.getvalue(), locations, rest, keep, segments)
+        target = request.target
+        crc32 = request.options[0]
+        if request.plain_torch_save:
+            with device_tags(request.device_tags):
+                pickled = request.pickle_target()
+                raw = None if pickled is not None else _torch_save_records(target)
+            if pickled is not None:
+                if previous is not None and previous.pickled is pickled and not previous.keep:
+                    # the very same staged storages (kept alive by ``pickled``): same places
+                    records, segments = previous.records, previous.segments
+                    plan = previous.plan
+                else:
+                    records = [(key, where(storage)) for key, storage in pickled.storages]
+                    plan = None
+                if plan is None:
+                    plan_key = ("fast", tuple(k for k, _ in records))
+                    plan = _plan(archive_records(pickled.data, records), plan_key, crc32)
+                return _Prepared("fast", pickled.data, records, rest, keep, segments, pickled, plan)
+            if raw is not None and raw and raw[0][0] == "data.pkl":
+                described = [
+                    (name, value if isinstance(value, bytes) else where(value))
+                    for name, value in raw[1:]
+                ]
+                plan = _plan([("data.pkl", raw[0][1]), *described], None, crc32)
+                return _Prepared("records", raw[0][1], described, rest, keep, segments, None, plan)
+        pickler_buffer = io.BytesIO()
+        pickler = _GraphPickler(pickler_buffer)
+        pickler.dump((target, request.device_tags))
+        locations = [where(storage) for storage in pickler.storages]
+        rest.update(savefun=request.savefun, kwds=request.kwds)
+        return _Prepared("graph", pickler_buffer.getvalue(), locations, rest, keep, segments)
 
 
 # -- the torch side of a saving process ---------------------------------------------------

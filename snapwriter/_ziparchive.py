@@ -170,6 +170,7 @@ def write_archive(f: IO[bytes], records: Sequence[tuple[str, Any]], plan: Archiv
         entries.append((full, crc, size, offset))
         offset = start + pad + size + (_DESCRIPTOR.size if size else 0)
     directory_at = offset
+    directory_size = 0
     for full, crc, size, at in entries:
         pending += _CENTRAL.pack(
             0x02014B50,
@@ -191,11 +192,11 @@ def write_archive(f: IO[bytes], records: Sequence[tuple[str, Any]], plan: Archiv
             at,
         )
         pending += full
+        directory_size += _CENTRAL.size + len(full)
         if len(pending) >= _GATHER_BYTES:
             f.write(pending)
             pending.clear()
     count = len(entries)
-    directory_size = sum(_CENTRAL.size + len(full) for full, *_ in entries)
     zip64_at = directory_at + directory_size
     pending += _ZIP64_END.pack(
         0x06064B50, 44, 0x031E, 0x002D, 0, 0, count, count, directory_size, directory_at
