@@ -221,22 +221,25 @@ def test_reused_layout_over_new_source_tensors() -> None:
         assert hit is (step > 0)
 
 
-@pytest.mark.parametrize(
-    "writer_cls",
-    [snapwriter.StandardWriter, snapwriter.ProcessWriter, snapwriter.ProcessQueueWriter],
-)
-def test_writers_reuse_the_layout_and_write_torch_save_bytes(
-    writer_cls: Any, tmp_path: Any
+def _assert_repeated_saves_are_torch_saves(
+    writer_cls: Any,
+    tmp_path: Any,
+    state: dict[str, Any],
+    saves: int,
+    step: Any = None,
 ) -> None:
-    state = _model()
+    """Save ``state`` ``saves`` times with one writer, its model's tensors stepped in
+    place before each call (then ``step()``); each file must be torch.save's bytes of
+    the state at its call."""
     expected = []
     writer = writer_cls(out_dir=str(tmp_path))
     try:
-        for i in range(4):
+        for i in range(saves):
             with torch.no_grad():
                 for v in state["model"].values():
                     v.add_(1.0)
-            state["epoch"] = 3  # unchanged value: same layout
+            if step is not None:
+                step()
             expected.append(_torch_save_bytes(state))
             handle = writer(f"s{i}.pt", str(tmp_path), state)
             if handle is not None:
@@ -245,6 +248,21 @@ def test_writers_reuse_the_layout_and_write_torch_save_bytes(
         writer.finalize()
     for i, data in enumerate(expected):
         assert (tmp_path / f"s{i}.pt").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "writer_cls",
+    [snapwriter.StandardWriter, snapwriter.ProcessWriter, snapwriter.ProcessQueueWriter],
+)
+def test_writers_reuse_the_layout_and_write_torch_save_bytes(
+    writer_cls: Any, tmp_path: Any
+) -> None:
+    state = _model()
+
+    def step() -> None:
+        state["epoch"] = 3  # unchanged value: same layout
+
+    _assert_repeated_saves_are_torch_saves(writer_cls, tmp_path, state, 4, step)
 
 
 def test_a_layout_sent_to_another_process_arrives_as_none() -> None:
@@ -279,18 +297,4 @@ def test_many_small_tensors_repeated_saves_are_torch_save_bytes(
         "model": {f"w{i}": torch.full((16,), float(i)) for i in range(2 * BY_NAME_MIN_RECORDS)},
         "step": 0,
     }
-    expected = []
-    writer = writer_cls(out_dir=str(tmp_path))
-    try:
-        for i in range(3):
-            with torch.no_grad():
-                for v in state["model"].values():
-                    v.add_(1.0)
-            expected.append(_torch_save_bytes(state))
-            handle = writer(f"s{i}.pt", str(tmp_path), state)
-            if handle is not None:
-                handle.result(timeout=60)
-    finally:
-        writer.finalize()
-    for i, data in enumerate(expected):
-        assert (tmp_path / f"s{i}.pt").read_bytes() == data
+    _assert_repeated_saves_are_torch_saves(writer_cls, tmp_path, state, 3)
