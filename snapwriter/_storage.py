@@ -44,6 +44,7 @@ from ._paths import (
     temp_may_be_removed,
     temp_name_for,
 )
+from ._writeback import Writeback
 
 __all__ = ("FileStat", "LocalFileSystem", "Storage", "local_paths")
 
@@ -184,17 +185,23 @@ def _missing_directories(path: str) -> tuple[list[str], str]:
     return missing, probe
 
 
-class _WriteErrorRecorder:
+class _TempFileWriter:
     """The file object ``savefun`` gets: the real one, remembering the first ``OSError``
-    its ``write`` raised (serializers may re-raise it as something without errno)."""
+    its ``write`` raised (serializers may re-raise it as something without errno), and
+    kicking early writeback of a durable local file as it grows
+    (:mod:`snapwriter._writeback`)."""
 
-    def __init__(self, f: IO[Any]) -> None:
+    def __init__(self, f: IO[Any], writeback: Writeback | None) -> None:
         self._f = f
+        self._writeback = writeback
         self.os_error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:
-            return int(self._f.write(data))
+            n = int(self._f.write(data))
+            if self._writeback is not None:
+                self._writeback.wrote(n)
+            return n
         except OSError as exc:
             if self.os_error is None:
                 self.os_error = exc
@@ -273,10 +280,11 @@ class Storage:
         self.makedirs(dest.directory)
         if tmp is None:
             tmp = self.temp_path(dest)
-        recorder: _WriteErrorRecorder | None = None
+        recorder: _TempFileWriter | None = None
         try:
             with self.fs.open(tmp, "wb") as f:
-                recorder = _WriteErrorRecorder(f)
+                early = Writeback.of(f) if self.durable and self.is_local else None
+                recorder = _TempFileWriter(f, early)
                 savefun(target, recorder, **kwds)
                 f.flush()
                 nbytes = f.tell()

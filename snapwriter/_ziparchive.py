@@ -13,18 +13,20 @@ record names through a C++ hash set. The other half is computed here, from the C
 
 Limits: archives that need zip64 fields in their headers (a record or an offset past
 4 GiB - 1) are not written here (:func:`fits` says so before a byte is written); the
-caller writes those with torch. The checksums are zlib's CRC-32 (the same polynomial
-and value as torch's), computed here as the bytes are written.
+caller writes those with torch. The checksums are the zip CRC-32 (the same polynomial
+and value as torch's), computed here as the bytes are written (:mod:`snapwriter._crc`:
+ISA-L's where installed, else zlib's).
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
+
+from ._crc import crc32
 
 __all__ = ("ArchivePlan", "fits", "head_records", "read_record", "write_archive")
 
@@ -149,7 +151,7 @@ def write_archive(f: IO[bytes], records: Sequence[tuple[str, Any]], plan: Archiv
         start = offset + _LOCAL.size + len(full) + 4
         pad = -start % alignment
         size = _nbytes(data)
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         # an empty record has no data descriptor (and no CRC in the serialization id)
         flags = _FLAGS if size else _UTF8
         pending += _LOCAL.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(full), 4 + pad)

@@ -172,7 +172,7 @@ def test_write_failure_raises_and_never_aborts_the_process() -> None:
             return True
 
         def write(self, b: Any) -> int:
-            if self.written > 100:
+            if self.written + len(b) > 100:  # room for 100 bytes
                 raise OSError(errno.ENOSPC, "No space left on device")
             self.written += len(b)
             return len(b)
