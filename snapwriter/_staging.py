@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from ._copier import CHUNK_COPIES, Copier, CopyBatch
 from ._exceptions import StagingError
 from ._gcpause import collector_paused
 from ._layout import Layout, LayoutMemory
@@ -168,6 +169,7 @@ class Stager:
         self._lock = threading.Lock()
         self._free: list[Arena] = []
         self._streams: dict[torch.device, Any] = {}
+        self._copier = Copier()
         self._closed = False
         self.allocations = 0
 
@@ -192,23 +194,26 @@ class Stager:
         # a few Python objects per tensor, none of them garbage: no collector passes
         with collector_paused():
             try:
-                walk = _Walk(arena, check_pickle)
+                walk = _Walk(arena, check_pickle, self._copier.batch())
                 try:
                     value = walk.stage(target)
                 except StagingError:
+                    walk.batch.abandon()
                     raise
                 except RecursionError as exc:
+                    walk.batch.abandon()
                     raise StagingError("cannot stage target: it is nested too deeply") from exc
                 except Exception as exc:
+                    walk.batch.abandon()
                     raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
                 try:
-                    events = self._copy(walk.copies)
+                    events = self._copy(walk.batch, walk.device_copies + walk.copies)
                 except Exception as exc:
                     raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
                 # Drop the walk's per-tensor bookkeeping before the collector is back on:
                 # alive then, it would be moved to the old generation and make the next
                 # full collection (a pass over every object of the process) come sooner.
-                walk.copies = []
+                walk.copies = walk.device_copies = []
                 memory = arena.layout
                 if memory is None:
                     memory = arena.layout = LayoutMemory()
@@ -257,35 +262,36 @@ class Stager:
             free, self._free = self._free, []
         for arena in free:
             arena.clear()
+        self._copier.close()
 
     def _take_arena(self) -> Arena:
         with self._lock:
             return self._free.pop() if self._free else Arena(self._allocate)
 
-    def _copy(self, copies: list[_Copy]) -> list[Any]:
-        """Run the copies the walk planned; return the CUDA events to wait on.
+    def _copy(self, batch: CopyBatch, copies: list[_Copy]) -> list[Any]:
+        """Run the copies the walk planned and has not started; return the CUDA events
+        to wait on.
 
-        CPU sources: one batched ``torch._foreach_copy_``. CUDA sources: a side stream
-        per device, so the call returns before the copy finishes.
+        Host sources: batched ``torch._foreach_copy_`` calls shared between the caller
+        and the copier's threads (:mod:`snapwriter._copier`), all finished on return.
+        CUDA sources: a side stream per device, so the call returns before the copy
+        finishes.
         """
-        if not any(on_cuda for _, _, on_cuda in copies):
-            if copies:
-                with torch.no_grad():
-                    torch._foreach_copy_([d for d, _, _ in copies], [s for _, s, _ in copies])
-            return []
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        dst: list[torch.Tensor] = []
-        src: list[torch.Tensor] = []
+        host: list[tuple[torch.Tensor, torch.Tensor]] = []
         for d, s, on_cuda in copies:
             if on_cuda:
                 by_device.setdefault(s.device, []).append((d, s))
             else:
-                dst.append(d)
-                src.append(s)
-        with torch.no_grad():
-            if dst:
-                torch._foreach_copy_(dst, src)
-            return [self._copy_from_device(device, pairs) for device, pairs in by_device.items()]
+                host.append((d, s))
+        events: list[Any] = []
+        try:
+            with torch.no_grad():
+                for device, pairs in by_device.items():
+                    events.append(self._copy_from_device(device, pairs))
+        finally:
+            batch.finish(host)
+        return events
 
     def _copy_from_device(
         self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -320,8 +326,12 @@ class _Walk:
     tensor ``__deepcopy__``, so a special tensor over a staged storage shares it too.
     """
 
-    def __init__(self, arena: Arena, check_pickle: bool) -> None:
+    def __init__(self, arena: Arena, check_pickle: bool, batch: CopyBatch) -> None:
         self.arena = arena
+        #: host copies started while the walk goes on (each CHUNK_COPIES planned)
+        self.batch = batch
+        #: copies from CUDA, set aside when host copies are started
+        self.device_copies: list[_Copy] = []
         self.check_pickle = check_pickle
         self.memo: dict[Any, Any] = {}
         self.keep: list[Any] = []  # originals whose ids are memo keys stay alive
@@ -649,6 +659,8 @@ class _Walk:
                 self.copies.append((out, t, False))  # as planned last time: see _plan_copy
             else:
                 self._plan_copy(slot, t, out, geometry, metadata)
+            if len(self.copies) >= CHUNK_COPIES:
+                self._start_copies()
         if self.tokens is not None:
             self._tensor_token(t, cls, cdata, slot, new_storage, geometry, requires_grad, metadata)
         if cls is not torch.Tensor:
@@ -700,6 +712,17 @@ class _Walk:
             tokens += (_STORAGE_AGAIN, index)
         if metadata:
             tokens += (_CONJ_NEG, str(sorted(metadata.items())))
+
+    def _start_copies(self) -> None:
+        """Start the host copies planned so far (see :mod:`snapwriter._copier`)."""
+        copies, self.copies = self.copies, []
+        host = []
+        for d, s, on_cuda in copies:
+            if on_cuda:
+                self.device_copies.append((d, s, on_cuda))
+            else:
+                host.append((d, s))
+        self.batch.start(host)
 
     def _plan_copy(
         self,
