@@ -67,6 +67,7 @@ class StagedStorage:
         "view",
         "view_generation",
         "view_geometry",
+        "warm",
     )
 
     def __init__(self, storage: torch.UntypedStorage, nbytes: int, pinned: bool = False) -> None:
@@ -78,6 +79,9 @@ class StagedStorage:
         self.view: torch.Tensor | None = None
         self.view_geometry: _Geometry | None = None
         self.view_generation = 0
+        #: how the walk staged the first tensor over this storage last time, when a
+        #: warm save may repeat it as is (see snapwriter._staging._Walk._warm_tensor)
+        self.warm: tuple[Any, ...] | None = None
 
     @property
     def raw(self) -> torch.Tensor:

@@ -633,9 +633,16 @@ class _Walk:
         copy is planned without another look at the source.
         """
         cdata = storage_address(t)
+        slot = self.storages.get(cdata)
+        if slot is None and metadata is _NO_METADATA:
+            slot = self.by_source.get(cdata)
+            if slot is not None and slot.warm is not None:
+                warm = self._warm_tensor(t, cls, cdata, slot, slot.warm)
+                if warm is not None:
+                    return warm
+            slot = None
         geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         requires_grad = t.requires_grad
-        slot = self.storages.get(cdata)
         new_storage = slot is None
         if slot is None:
             nbytes = t.untyped_storage().nbytes()
@@ -661,7 +668,10 @@ class _Walk:
                 self._plan_copy(slot, t, out, geometry, metadata)
             if len(self.copies) >= CHUNK_COPIES:
                 self._start_copies()
-        if self.tokens is not None:
+        dst = out
+        tokens = self.tokens
+        start = -1 if tokens is None else len(tokens)
+        if tokens is not None:
             self._tensor_token(t, cls, cdata, slot, new_storage, geometry, requires_grad, metadata)
         if cls is not torch.Tensor:
             # what Parameter.__new__ and torch's rebuild of a subclass do
@@ -670,13 +680,65 @@ class _Walk:
             out = out.detach().requires_grad_(True)
         self.memo[id(t)] = out
         self.keep.append(t)
-        if cls is torch.Tensor and not t.__dict__:
-            return out
-        state = state_of(t)
+        state = None if cls is torch.Tensor and not t.__dict__ else state_of(t)
+        if new_storage:
+            # repeatable next time as is: see _warm_tensor
+            slot.warm = (
+                (cls, geometry, requires_grad, out, dst, tuple(tokens[start:]))
+                if (
+                    tokens is not None
+                    and self.tokens is tokens
+                    and metadata is _NO_METADATA
+                    and slot.dense == geometry
+                    and not slot.pinned
+                    and not state
+                    and (cls is torch.Tensor or cls is torch.nn.Parameter)
+                )
+                else None
+            )
         if state:
             self.tokens = None  # tensors with attributes: torch.save writes those
             set_state(out, self.stage(state))
         return out
+
+    def _warm_tensor(
+        self,
+        t: torch.Tensor,
+        cls: type,
+        cdata: int,
+        slot: StagedStorage,
+        warm: tuple[Any, ...],
+    ) -> torch.Tensor | None:
+        """The warm path of :meth:`_plain_tensor`: ``t`` is the first tensor of this walk
+        over a source storage whose first tensor in the previous walk was staged by the
+        plain path (a plain CPU tensor or Parameter, no Python state, covering its storage
+        exactly) with the same class, geometry and ``requires_grad``. Then everything that
+        walk built is reused: the staged tensor, its copy's destination and its layout
+        tokens. Returns None (nothing done) where ``t`` differs in any of these, or its
+        storage's size does, or the staged storage is not free: the plain path runs."""
+        cls_was, geometry, requires_grad, out, dst, token = warm
+        if (
+            cls_was is not cls
+            or geometry != (t.dtype, t.storage_offset(), t.size(), t.stride())
+            or requires_grad != t.requires_grad
+            or t.__dict__
+            or not self.arena.take_back(slot, t.untyped_storage().nbytes(), False)
+        ):
+            return None
+        self.storages[cdata] = slot
+        slot.view_generation = self.generation  # its view is taken for this walk
+        copies = self.copies
+        copies.append((dst, t, False))
+        if len(copies) >= CHUNK_COPIES:
+            self._start_copies()
+        tokens = self.tokens
+        if tokens is not None:
+            self._first[id(t)] = len(tokens)
+            self._storage_index[cdata] = len(self._storage_index)
+            tokens += token
+        self.memo[id(t)] = out
+        self.keep.append(t)
+        return out  # type: ignore[no-any-return]
 
     def _tensor_token(
         self,
