@@ -28,7 +28,7 @@ from .contenders import (
     writers,
 )
 from .isolation import ENTRY_POINT, run_forked, run_inprocess, run_subprocess, worker_main
-from .meta import fs_type, git_commit, machine_info, version
+from .meta import copy_threads, crc_implementation, fs_type, git_commit, machine_info, version
 from .report import render_markdown, summarize_case, sweep_fits
 from .targets import evaluate_targets, evaluate_writer_targets
 from .workloads import MANY_TENSORS, WORKLOADS
@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "ppe": version("pytorch-pfn-extras"),
             "snapwriter": f"{version('snapwriter')} ({git_commit()})",
+            "crc32": crc_implementation(),
+            "copy_threads": copy_threads(),
             "reps": args.reps,
             "check_reps": check_reps,
             "threads": args.threads,

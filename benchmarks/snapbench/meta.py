@@ -71,3 +71,17 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def crc_implementation() -> str:
+    """Which CRC-32 snapwriter's archive writer uses here ("isal" with snapwriter[fast])."""
+    from snapwriter import _crc
+
+    return _crc.IMPLEMENTATION
+
+
+def copy_threads() -> int:
+    """How many threads copy a staging pass here (the caller's included)."""
+    from snapwriter import _copier
+
+    return _copier.COPY_THREADS

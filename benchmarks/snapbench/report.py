@@ -191,6 +191,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"`{meta['command']}`  ",
         f"{meta['machine']['summary']}; torch {meta['torch']}, "
         f"ppe {meta['ppe']}, snapwriter {meta['snapwriter']}; "
+        f"CRC-32 {meta.get('crc32', '?')}, staging copies on {meta.get('copy_threads', '?')} "
+        "threads; "
         f"{meta['reps']} warm reps per cell (median [min-max]); "
         f"torch threads {meta['threads']}; wall {meta['wall_seconds']:.0f}s",
         "",
