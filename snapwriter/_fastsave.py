@@ -354,17 +354,12 @@ def pure_archives() -> bool:
             pickled = pickle_state(probe)
             if pickled is not None:
                 records = archive_records(
-                    pickled.data, [(k, memoryview(_bytes_of(s))) for k, s in pickled.storages]
+                    pickled.data, [(k, _view(s)) for k, s in pickled.storages]
                 )
                 names = [name for name, _ in records]
                 write_pure(ours, records, archive_plan(names, key=("probe", len(names))))
         _pure = pickled is not None and ours.getvalue() == expected.getvalue()
     return _pure
-
-
-def _bytes_of(storage: torch.UntypedStorage) -> bytes:
-    nbytes = storage.nbytes()
-    return ctypes.string_at(storage.data_ptr(), nbytes) if nbytes else b""
 
 
 #: From this many records on, of at most this many bytes each on average,

@@ -193,21 +193,19 @@ class Stager:
         allocated_before = arena.allocations
         # a few Python objects per tensor, none of them garbage: no collector passes
         with collector_paused():
+            batch = self._copier.batch()
             try:
-                walk = _Walk(arena, check_pickle, self._copier.batch())
+                walk = _Walk(arena, check_pickle, batch)
                 try:
                     value = walk.stage(target)
                 except StagingError:
-                    walk.batch.abandon()
                     raise
                 except RecursionError as exc:
-                    walk.batch.abandon()
                     raise StagingError("cannot stage target: it is nested too deeply") from exc
                 except Exception as exc:
-                    walk.batch.abandon()
                     raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
                 try:
-                    events = self._copy(walk.batch, walk.device_copies + walk.copies)
+                    events = self._copy(batch, walk.device_copies + walk.copies)
                 except Exception as exc:
                     raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
                 # Drop the walk's per-tensor bookkeeping before the collector is back on:
@@ -221,6 +219,7 @@ class Stager:
                 layout = memory.layout(walk.tokens, walk.strings, [slot.storage for slot in slots])
                 walk.forget()
             except BaseException:
+                batch.abandon()  # no copy still writing into the arena given back
                 arena.finish()
                 self.release_arena(arena)
                 raise
@@ -634,13 +633,11 @@ class _Walk:
         """
         cdata = storage_address(t)
         slot = self.storages.get(cdata)
-        if slot is None and metadata is _NO_METADATA:
-            slot = self.by_source.get(cdata)
-            if slot is not None and slot.warm is not None:
-                warm = self._warm_tensor(t, cls, cdata, slot, slot.warm)
-                if warm is not None:
-                    return warm
-            slot = None
+        previous = None if slot is not None else self.by_source.get(cdata)
+        if previous is not None and previous.warm is not None and metadata is _NO_METADATA:
+            warm = self._warm_tensor(t, cls, cdata, previous)
+            if warm is not None:
+                return warm
         geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         requires_grad = t.requires_grad
         new_storage = slot is None
@@ -648,7 +645,7 @@ class _Walk:
             nbytes = t.untyped_storage().nbytes()
             # the dispatch-key path (no metadata object) has seen a CPU tensor already
             on_cuda = metadata is not _NO_METADATA and not t.is_cpu
-            slot = self.by_source.get(cdata)
+            slot = previous
             if slot is None or not self.arena.take_back(slot, nbytes, on_cuda):
                 slot = self.arena.take(nbytes, on_cuda)
             self.storages[cdata] = slot
@@ -707,7 +704,6 @@ class _Walk:
         cls: type,
         cdata: int,
         slot: StagedStorage,
-        warm: tuple[Any, ...],
     ) -> torch.Tensor | None:
         """The warm path of :meth:`_plain_tensor`: ``t`` is the first tensor of this walk
         over a source storage whose first tensor in the previous walk was staged by the
@@ -716,7 +712,8 @@ class _Walk:
         walk built is reused: the staged tensor, its copy's destination and its layout
         tokens. Returns None (nothing done) where ``t`` differs in any of these, or its
         storage's size does, or the staged storage is not free: the plain path runs."""
-        cls_was, geometry, requires_grad, out, dst, token = warm
+        assert slot.warm is not None
+        cls_was, geometry, requires_grad, out, dst, token = slot.warm
         if (
             cls_was is not cls
             or geometry != (t.dtype, t.storage_offset(), t.size(), t.stride())

@@ -89,7 +89,6 @@ def test_a_failed_copy_fails_the_call_after_every_copy_ended(
     running when it does; the stager works afterwards."""
     real = snapwriter._copier._copy
     running = 0
-    after: list[int] = []
     lock = threading.Lock()
     calls = 0
 
@@ -113,8 +112,7 @@ def test_a_failed_copy_fails_the_call_after_every_copy_ended(
     try:
         with pytest.raises(snapwriter.StagingError, match="copy failed"):
             stager.stage(_state(3 * CHUNK_COPIES))
-        after.append(running)
-        assert after == [0]
+        assert running == 0
         monkeypatch.setattr(snapwriter._copier, "_copy", real)
         state = _state(3 * CHUNK_COPIES)
         staged = stager.stage(state)
@@ -165,4 +163,52 @@ def test_a_forked_child_stages_with_threads_of_its_own() -> None:
             assert f.read() == b"\0"
         assert os.waitpid(pid, 0)[1] == 0
     finally:
+        stager.close()
+
+
+class _Interrupts:
+    """Stops a walk with a BaseException (as Ctrl-C would), once copies are running."""
+
+    def __init__(self, started: threading.Event) -> None:
+        self.started = started
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        assert self.started.wait(timeout=30)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_walk_waits_for_the_copies_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A BaseException in the walk (KeyboardInterrupt) gives the staging memory back
+    only after every copy already started has ended."""
+    real = snapwriter._copier._copy
+    started = threading.Event()
+    release = threading.Event()
+    running = 0
+
+    def copy(pairs: Any) -> None:
+        nonlocal running
+        running += 1
+        started.set()
+        try:
+            assert release.wait(timeout=30)
+            real(pairs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(snapwriter._copier, "_copy", copy)
+    stager = Stager()
+    stager._copier = Copier(2)
+    state: dict[str, Any] = {f"t{i}": torch.full((3,), float(i)) for i in range(CHUNK_COPIES)}
+    state["stop"] = _Interrupts(started)
+    timer = threading.Timer(0.2, release.set)  # lets the copy end once the walk has raised
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stager.stage(state)
+        assert running == 0  # waited for, not left writing into a released arena
+    finally:
+        release.set()
+        timer.join()
         stager.close()

@@ -3,7 +3,6 @@ the same records through both must give the same bytes."""
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import random
@@ -18,6 +17,7 @@ import torch.utils.serialization
 import snapwriter
 from snapwriter._fastsave import (
     _file_writer,
+    _view,
     _write_with,
     archive_plan,
     archive_records,
@@ -25,13 +25,6 @@ from snapwriter._fastsave import (
     pure_archives,
 )
 from snapwriter._ziparchive import ArchivePlan, fits, read_record, write_archive
-
-
-def _view(storage: torch.UntypedStorage) -> memoryview:
-    nbytes = storage.nbytes()
-    if nbytes == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * nbytes).from_address(storage.data_ptr())).cast("B")
 
 
 def _ours(obj: Any) -> bytes:
