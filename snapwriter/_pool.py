@@ -80,7 +80,7 @@ class StagedStorage:
         self.view_geometry: _Geometry | None = None
         self.view_generation = 0
         #: how the walk staged the first tensor over this storage last time, when a
-        #: warm save may repeat it as is (see snapwriter._staging._Walk._warm_tensor)
+        #: warm save may repeat it as is (see snapwriter._staging._Walk._warm)
         self.warm: tuple[Any, ...] | None = None
 
     @property
@@ -125,9 +125,12 @@ class Arena:
 
     def __init__(self, allocate: Allocator | None = None) -> None:
         self._allocate = allocate or allocate_host
-        # by (nbytes, pinned), then by id: any one is taken in O(1), a given one too
-        self._spare: dict[_Key, dict[int, StagedStorage]] = {}
-        self._used: dict[_Key, dict[int, StagedStorage]] = {}
+        # by id: a given one is taken back in O(1) (the warm path, once per storage)
+        self._spare: dict[int, StagedStorage] = {}
+        self._used: dict[int, StagedStorage] = {}
+        # the spare ones by (nbytes, pinned), built when a call first needs any one of a
+        # size (not at all in a warm save); entries taken back since are skipped
+        self._sized: dict[_Key, list[StagedStorage]] | None = None
         #: source storage (StorageImpl address) -> the staged storage it was copied into
         #: by the previous staging call: a warm save takes back the same one, with the
         #: tensors over it that the walk built last time.
@@ -139,14 +142,26 @@ class Arena:
 
     def take(self, nbytes: int, pinned: bool) -> StagedStorage:
         """A staged storage of exactly ``nbytes`` bytes (pinned host memory if asked)."""
-        key = (nbytes, pinned)
-        spare = self._spare.get(key)
-        if spare:
-            staged = spare.popitem()[1]
-        else:
-            staged = StagedStorage(self._allocate(nbytes, pinned), nbytes, pinned)
-            self.allocations += 1
-        self._use(key, staged)
+        sized = self._sized
+        if sized is None:
+            sized = self._sized = {}
+            for staged in self._spare.values():
+                key = (staged.nbytes, staged.pinned)
+                bucket = sized.get(key)
+                if bucket is None:
+                    sized[key] = [staged]
+                else:
+                    bucket.append(staged)
+        bucket = sized.get((nbytes, pinned))
+        spare = self._spare
+        while bucket:
+            staged = bucket.pop()
+            if spare.pop(id(staged), None) is not None:  # else taken back already
+                self._used[id(staged)] = staged
+                return staged
+        staged = StagedStorage(self._allocate(nbytes, pinned), nbytes, pinned)
+        self.allocations += 1
+        self._used[id(staged)] = staged
         return staged
 
     def take_back(self, staged: StagedStorage, nbytes: int, pinned: bool) -> bool:
@@ -155,31 +170,28 @@ class Arena:
         the size and kind asked."""
         if staged.nbytes != nbytes or staged.pinned != pinned:
             return False
-        key = (nbytes, pinned)
-        spare = self._spare.get(key)
-        if spare is None or spare.pop(id(staged), None) is None:
-            return False
-        self._use(key, staged)
-        return True
+        return self.reclaim(staged)
 
-    def _use(self, key: _Key, staged: StagedStorage) -> None:
-        used = self._used.get(key)
-        if used is None:
-            self._used[key] = {id(staged): staged}
-        else:
-            used[id(staged)] = staged
+    def reclaim(self, staged: StagedStorage) -> bool:
+        """Take ``staged`` again if it is still free (the caller checked its size and
+        kind); False when this call has taken it already or it is not this arena's."""
+        if self._spare.pop(id(staged), None) is None:
+            return False
+        self._used[id(staged)] = staged
+        return True
 
     def finish(self, by_source: dict[int, StagedStorage] | None = None) -> None:
         """End a staging call: storages it did not take are freed, the rest kept for
         reuse; ``by_source`` (source storage address -> staged storage) is remembered
         for :meth:`take_back`."""
-        self._spare, self._used = self._used, {}
+        self._spare, self._used, self._sized = self._used, {}, None
         self.by_source = by_source if by_source is not None else {}
 
     def clear(self) -> None:
         """Drop every storage (the arena allocates afresh next time)."""
         self._spare.clear()
         self._used.clear()
+        self._sized = None
         self.by_source = {}
 
 

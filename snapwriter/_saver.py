@@ -72,6 +72,7 @@ from ._fastsave import (
     write_archive,
     write_records,
 )
+from ._gcpause import collector_paused
 from ._pool import device_tags
 from ._process import MpContext, _describe_exit, _track, _untrack, get_context
 from ._save import SaveRequest, WriteOutcome, execute_save_blocking
@@ -572,7 +573,8 @@ class SaverProcess:
             ChildProcessFailure: the saving process died during the save.
             The child's exception, when the save failed there.
         """
-        prepared = _prepare(request, self._shm, self._previous)
+        with collector_paused():  # tens of thousands of records: no collector passes
+            prepared = _prepare(request, self._shm, self._previous)
         self._previous = prepared if prepared.kind == "fast" and not prepared.keep else None
         path = request.dest.path
         with self._lock:

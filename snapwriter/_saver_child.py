@@ -16,6 +16,7 @@ that a saver serving plain saves never loads it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import os
 import pickle
@@ -206,28 +207,42 @@ def serve(conn: Connection, parent_pid: int) -> None:
             raw = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        # a save's description holds a few objects per storage, tens of thousands of
+        # them: no collector passes while it is read and written (on again after)
+        gc.disable()
         try:
-            message = pickle.loads(raw)
-        except Exception as exc:  # a save whose savefun/fs does not unpickle here
-            send_outcome(
-                conn,
-                "error",
-                ChildProcessFailure(f"the saving process could not receive the save: {exc!r}"),
-            )
-            continue
-        if message is None:
-            return
-        if message[0] == "segment":
-            _, seg_id, size = message
-            state.maps.add(seg_id, reduction.recv_handle(conn), size)
-            continue
-        send_outcome(conn, "started", None)
-        try:
-            outcome = state.save(message[1])
-        except Exception as exc:
-            send_outcome(conn, "error", exc)
-        else:
-            send_outcome(conn, "ok", outcome)
+            if not _serve_one(conn, state, raw):
+                return
+        finally:
+            gc.enable()
+
+
+def _serve_one(conn: Connection, state: _ChildState, raw: bytes) -> bool:
+    """Run one message of the trainer (a save, or a segment handed over); False when
+    it says stop."""
+    try:
+        message = pickle.loads(raw)
+    except Exception as exc:  # a save whose savefun/fs does not unpickle here
+        send_outcome(
+            conn,
+            "error",
+            ChildProcessFailure(f"the saving process could not receive the save: {exc!r}"),
+        )
+        return True
+    if message is None:
+        return False
+    if message[0] == "segment":
+        _, seg_id, size = message
+        state.maps.add(seg_id, reduction.recv_handle(conn), size)
+        return True
+    send_outcome(conn, "started", None)
+    try:
+        outcome = state.save(message[1])
+    except Exception as exc:
+        send_outcome(conn, "error", exc)
+    else:
+        send_outcome(conn, "ok", outcome)
+    return True
 
 
 def zygote_main(fd: int, trainer_pid: int) -> None:

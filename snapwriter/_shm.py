@@ -31,6 +31,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ class ShmStats:
 class Segment:
     """One shared segment: its id, size, descriptor and mapping in this process."""
 
-    __slots__ = ("fd", "id", "mapping", "pinned", "size", "used")
+    __slots__ = ("_view", "address", "fd", "id", "mapping", "pinned", "size", "storage", "used")
 
     def __init__(self, seg_id: int, size: int) -> None:
         self.id = seg_id
@@ -88,6 +89,19 @@ class Segment:
             raise
         self.used = 0
         self.pinned = False
+        #: the whole mapping as one storage (blocks are slices of it) and its address
+        self.storage, self._view = _storage_over(self.mapping, 0, size)
+        self.address = self.storage.data_ptr()
+
+    def carve(self, offset: int, nbytes: int) -> tuple[torch.UntypedStorage, Any]:
+        """A storage of exactly ``nbytes`` at ``offset``, and the object whose death says
+        the block's memory is free again: the storage itself (a slice of the segment's
+        storage, which keeps it alive) where torch keeps a storage's Python object as
+        long as its memory (:data:`_PRESERVED`), else the memoryview it is made from."""
+        if _PRESERVED:
+            storage = self.storage[offset : offset + nbytes]
+            return storage, storage
+        return _storage_over(self.mapping, offset, nbytes)
 
     def pin(self) -> None:
         """Page-lock the mapping for CUDA copies (``cudaHostRegister``).
@@ -119,6 +133,26 @@ def _storage_over(
     return torch.frombuffer(view, dtype=torch.uint8).untyped_storage(), view
 
 
+def _storage_objects_preserved() -> bool:
+    """Whether a storage's Python object lives exactly as long as its memory (torch
+    keeps it while any tensor uses the storage, and drops it with the last one): then a
+    weak reference to a staged storage says when its block is free."""
+    died: list[bool] = []
+    base = torch.UntypedStorage(64)  # type: ignore[no-untyped-call]
+    block = base[16:32]
+    ref = weakref.ref(block, lambda _ref: died.append(True))
+    tensor = torch.empty(0, dtype=torch.uint8).set_(block)
+    del block
+    alive = ref() is not None and not died
+    same = tensor.untyped_storage() is ref()
+    del tensor
+    return alive and same and bool(died) and ref() is None
+
+
+#: See :func:`_storage_objects_preserved` (checked once, at import).
+_PRESERVED = _storage_objects_preserved()
+
+
 class SharedMemory:
     """A staging allocator over shared segments (see the module docstring).
 
@@ -133,8 +167,8 @@ class SharedMemory:
         self._segments: dict[int, Segment] = {}
         self._current: Segment | None = None
         self._free: dict[int, list[tuple[int, int]]] = {}  # aligned size -> [(seg, off)]
-        self._where: dict[int, Location] = {}  # data_ptr -> location
-        self._watch: dict[tuple[int, int], weakref.ref[memoryview]] = {}  # live blocks
+        # live blocks: data_ptr -> (location, the weak reference that frees the block)
+        self._blocks: dict[int, tuple[Location, weakref.ref[Any]]] = {}
         self._closed = False
         self.stats = ShmStats()
 
@@ -163,14 +197,15 @@ class SharedMemory:
             segment, offset = self._block(size)
             if pinned:
                 segment.pin()
-            storage, owner = _storage_over(segment.mapping, offset, nbytes)
-            ptr = storage.data_ptr()
-            self._where[ptr] = (segment.id, offset, nbytes)
+            storage, owner = segment.carve(offset, nbytes)
+            ptr = segment.address + offset
+            seg_id = segment.id
+            release = self._release
+            # the block goes back to the free list when the storage is gone; a plain
+            # weak reference (not weakref.finalize: twice the cost, 50,000 times)
+            ref = weakref.ref(owner, lambda _ref: release(ptr, seg_id, offset, size))
+            self._blocks[ptr] = ((seg_id, offset, nbytes), ref)
             self.stats.blocks += 1
-        # the block goes back to the free list when the storage (its view) is gone; a
-        # plain weak reference (not weakref.finalize: twice the cost, 50,000 times)
-        key = (segment.id, offset)
-        self._watch[key] = weakref.ref(owner, lambda _ref: self._release(ptr, key[0], key[1], size))
         return storage
 
     def _block(self, size: int) -> tuple[Segment, int]:
@@ -207,9 +242,9 @@ class SharedMemory:
 
     def _release(self, ptr: int, seg_id: int, offset: int, size: int) -> None:
         with self._lock:
-            self._watch.pop((seg_id, offset), None)
-            if self._where.get(ptr, (None, None))[:2] == (seg_id, offset):
-                del self._where[ptr]
+            entry = self._blocks.get(ptr)
+            if entry is not None and entry[0][:2] == (seg_id, offset):
+                del self._blocks[ptr]
             if not self._closed:
                 self._free.setdefault(size, []).append((seg_id, offset))
 
@@ -219,10 +254,10 @@ class SharedMemory:
         nbytes = storage.nbytes()
         if nbytes == 0:
             return (-1, 0, 0)
-        where = self._where.get(storage.data_ptr())
-        if where is None or where[2] != nbytes:
+        entry = self._blocks.get(storage.data_ptr())
+        if entry is None or entry[0][2] != nbytes:
             return None
-        return where
+        return entry[0]
 
     def copy_in(self, storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, Location]:
         """A shared copy of ``storage`` (one this allocator does not hold) and its place.

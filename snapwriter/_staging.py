@@ -453,7 +453,8 @@ class _Walk:
     def _fill(self, out: dict[Any, Any], obj: dict[Any, Any]) -> None:
         """Put the staged items of ``obj`` into ``out``, in order (plain tensors, the
         common value, without a trip through :meth:`stage`)."""
-        stage, tensor, memo, atom = self.stage, self._tensor, self.memo, self._atom
+        stage, tensor, memo, atom = self.stage, self._cold_tensor, self.memo, self._atom
+        warm = self._warm if self.by_source else None
         for k, v in obj.items():
             # atomic keys and values bypass stage(), so their layout tokens are added
             # here (stage() and tensor() add their own)
@@ -468,7 +469,8 @@ class _Walk:
                     atom(v)
                 out[k] = v
             elif vcls is torch.Tensor and id(v) not in memo:
-                out[k] = tensor(v)
+                staged = None if warm is None else warm(v)
+                out[k] = tensor(v) if staged is None else staged
             else:
                 out[k] = stage(v)
 
@@ -601,6 +603,14 @@ class _Walk:
     # -- tensors ---------------------------------------------------------------------
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if self.by_source:
+            out = self._warm(t)
+            if out is not None:
+                return out
+        return self._cold_tensor(t)
+
+    def _cold_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`_tensor` where the warm path (:meth:`_warm`) does not apply."""
         cls = type(t)
         if _dispatch_keys(t) == _PLAIN_CPU_KEYS:
             # dense strided CPU memory, neither quantized nor nested, no conj/neg bits
@@ -634,10 +644,6 @@ class _Walk:
         cdata = storage_address(t)
         slot = self.storages.get(cdata)
         previous = None if slot is not None else self.by_source.get(cdata)
-        if previous is not None and previous.warm is not None and metadata is _NO_METADATA:
-            warm = self._warm_tensor(t, cls, cdata, previous)
-            if warm is not None:
-                return warm
         geometry = (t.dtype, t.storage_offset(), t.size(), t.stride())
         requires_grad = t.requires_grad
         new_storage = slot is None
@@ -679,9 +685,9 @@ class _Walk:
         self.keep.append(t)
         state = None if cls is torch.Tensor and not t.__dict__ else state_of(t)
         if new_storage:
-            # repeatable next time as is: see _warm_tensor
+            # repeatable next time as is: see _warm
             slot.warm = (
-                (cls, geometry, requires_grad, out, dst, tuple(tokens[start:]))
+                (cls, *geometry, requires_grad, out, dst, tuple(tokens[start:]))
                 if (
                     tokens is not None
                     and self.tokens is tokens
@@ -698,28 +704,38 @@ class _Walk:
             set_state(out, self.stage(state))
         return out
 
-    def _warm_tensor(
-        self,
-        t: torch.Tensor,
-        cls: type,
-        cdata: int,
-        slot: StagedStorage,
-    ) -> torch.Tensor | None:
-        """The warm path of :meth:`_plain_tensor`: ``t`` is the first tensor of this walk
-        over a source storage whose first tensor in the previous walk was staged by the
-        plain path (a plain CPU tensor or Parameter, no Python state, covering its storage
-        exactly) with the same class, geometry and ``requires_grad``. Then everything that
-        walk built is reused: the staged tensor, its copy's destination and its layout
-        tokens. Returns None (nothing done) where ``t`` differs in any of these, or its
-        storage's size does, or the staged storage is not free: the plain path runs."""
-        assert slot.warm is not None
-        cls_was, geometry, requires_grad, out, dst, token = slot.warm
+    def _warm(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The warm path of :meth:`_tensor`, for tens of thousands of tensors a save.
+
+        Applies to ``t`` when it is a plain dense CPU tensor or Parameter (the exact
+        dispatch keys of one), the first tensor of this walk over its source storage, and
+        the first tensor over that storage in the previous walk was staged by the plain
+        path (no Python state, no conj/neg bits, covering its storage exactly) with the
+        same class, dtype, offset, size, stride and ``requires_grad``, over a storage of
+        the same size, whose staged storage is still free. Then everything that walk
+        built is reused: the staged tensor, its copy's destination and its layout
+        tokens. Returns None (nothing done) otherwise: the plain path runs.
+        """
+        if _dispatch_keys(t) != _PLAIN_CPU_KEYS:
+            return None
+        cdata = storage_address(t)
+        slot = self.by_source.get(cdata)
+        if slot is None:
+            return None
+        warm = slot.warm
+        if warm is None or cdata in self.storages:
+            return None
+        cls, dtype, offset, size, stride, requires_grad, out, dst, token = warm
         if (
-            cls_was is not cls
-            or geometry != (t.dtype, t.storage_offset(), t.size(), t.stride())
-            or requires_grad != t.requires_grad
+            type(t) is not cls
+            or t.dtype is not dtype
+            or t.storage_offset() != offset
+            or t.size() != size
+            or t.stride() != stride
+            or t.requires_grad is not requires_grad
             or t.__dict__
-            or not self.arena.take_back(slot, t.untyped_storage().nbytes(), False)
+            or t.untyped_storage().nbytes() != slot.nbytes
+            or not self.arena.reclaim(slot)
         ):
             return None
         self.storages[cdata] = slot
@@ -731,7 +747,8 @@ class _Walk:
         tokens = self.tokens
         if tokens is not None:
             self._first[id(t)] = len(tokens)
-            self._storage_index[cdata] = len(self._storage_index)
+            index = self._storage_index
+            index[cdata] = len(index)
             tokens += token
         self.memo[id(t)] = out
         self.keep.append(t)

@@ -284,6 +284,44 @@ def test_shared_blocks_come_back_when_their_storage_is_gone() -> None:
         shm.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd here")
+def test_a_block_stays_taken_while_a_tensor_over_it_lives() -> None:
+    """Blocks are freed by the death of their storage's memory, not of one Python
+    object over it: with the storage object dropped but a tensor (and a view of it)
+    still over the block, the next allocation of that size gets another block, and the
+    tensor's bytes are left alone; the block comes back once the last view is gone."""
+    import gc
+
+    from snapwriter import _shm
+    from snapwriter._shm import SharedMemory
+
+    assert _shm._PRESERVED  # this torch keeps a storage's object as long as its memory
+    shm = SharedMemory()
+    try:
+        storage = shm.allocate(256)
+        where = shm.locate(storage)
+        tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(torch.float32)
+        tensor.fill_(3.0)
+        del storage
+        gc.collect()
+        other = shm.allocate(256)
+        assert shm.locate(other) != where
+        torch.empty(0, dtype=torch.uint8).set_(other).fill_(0xFF)
+        assert torch.equal(tensor, torch.full((64,), 3.0))
+        assert shm.locate(tensor.untyped_storage()) == where
+        view = tensor[8:]
+        del tensor
+        gc.collect()
+        assert shm.allocate(256) is not None and shm.stats.blocks == 3  # still taken
+        third = shm.locate(shm.allocate(256))
+        assert third != where
+        del view
+        gc.collect()
+        assert shm.locate(shm.allocate(256)) == where  # back once the last view went
+    finally:
+        shm.close()
+
+
 def test_a_forked_trainer_gets_its_own_zygote_not_a_fork_of_itself(tmp_path: Path) -> None:
     """A process forked from one that imported snapwriter (a launcher, a benchmark
     driver) still saves through a fresh, torch-free zygote: its saving process holds no

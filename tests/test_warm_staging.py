@@ -113,14 +113,14 @@ def test_unchanged_saves_take_the_warm_path(monkeypatch: pytest.MonkeyPatch) -> 
     """Not a test of speed: that the path the differential cases above exercise is the
     warm one (every tensor of a repeated save), and not for a cold one."""
     taken: list[bool] = []
-    real = _Walk._warm_tensor
+    real = _Walk._warm
 
     def spy(self: _Walk, *args: Any) -> Any:
         out = real(self, *args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(_Walk, "_warm_tensor", spy)
+    monkeypatch.setattr(_Walk, "_warm", spy)
     stager = Stager()
     try:
         state = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
