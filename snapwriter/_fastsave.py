@@ -439,7 +439,15 @@ def _view(value: bytes | torch.UntypedStorage) -> Any:
     nbytes = value.nbytes()
     if not nbytes:
         return b""
-    return memoryview((ctypes.c_char * nbytes).from_address(value.data_ptr())).cast("B")
+    return _memory_view(value.data_ptr(), nbytes, _PYBUF_READ)
+
+
+# A read-only memoryview straight over memory: no ctypes array type made per size (each
+# a class, freed only by a full collection of the cyclic collector).
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memory_view.restype = ctypes.py_object
+_PYBUF_READ = 0x100
 
 
 def _file_writer(f: IO[bytes] | str) -> Any:

@@ -348,16 +348,6 @@ class _Walk:
         #: every string met, in order (values are in the tokens; identities from these)
         self.strings: list[str] = list(_SERIALIZER_STRINGS)
         self._storage_index: dict[int, int] = {}  # staged storages, in staging order
-        self._dispatch: dict[type, Callable[[Any], Any]] = {
-            dict: self._dict,
-            collections.OrderedDict: self._ordered_dict,
-            list: self._list,
-            tuple: self._tuple,
-            set: self._set,
-            frozenset: self._set,
-            torch.Tensor: self._tensor,
-            torch.nn.Parameter: self._tensor,
-        }
 
     def forget(self) -> None:
         """Drop what only the walk itself needed (memo, tokens, indexes)."""
@@ -385,9 +375,9 @@ class _Walk:
                 else:
                     self.tokens += (_REF, first)
             return done
-        copier = self._dispatch.get(cls)
+        copier = _DISPATCH.get(cls)
         if copier is not None:
-            return copier(obj)
+            return copier(self, obj)
         self.tokens = None  # outside the fast serializer's graphs: no layout reuse
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj)
@@ -873,6 +863,20 @@ _dispatch_keys: Callable[[torch.Tensor], Any] = getattr(torch._C, "_dispatch_key
 #: The dispatch keys of a dense CPU tensor without conj/neg bits (any dtype, with or
 #: without requires_grad, a view or not): one C call tells the common case apart.
 _PLAIN_CPU_KEYS = _dispatch_keys(torch.empty(0))
+
+#: How _Walk.stage copies each container and tensor type (functions of the walk, not
+#: bound methods: a walk holding its own methods would be a reference cycle, and all
+#: it references, tens of thousands of objects, would wait for a full collection).
+_DISPATCH: dict[type, Callable[[_Walk, Any], Any]] = {
+    dict: _Walk._dict,
+    collections.OrderedDict: _Walk._ordered_dict,
+    list: _Walk._list,
+    tuple: _Walk._tuple,
+    set: _Walk._set,
+    frozenset: _Walk._set,
+    torch.Tensor: _Walk._tensor,
+    torch.nn.Parameter: _Walk._tensor,
+}
 _NO_METADATA: dict[str, bool] = {}
 
 
