@@ -233,6 +233,13 @@ def _tensor_tail(
     return pieces
 
 
+def _unbound(*_args: Any) -> None:
+    """What :func:`emit`'s nested functions are rebound to once it is done (see there)."""
+
+
+_UNBOUND: Any = _unbound
+
+
 def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | None:
     """``data.pkl`` for ``obj`` and its ``(key, storage)`` records, or ``None``.
 
@@ -569,6 +576,8 @@ def emit(obj: Any) -> tuple[bytes, list[tuple[str, torch.UntypedStorage]]] | Non
     except (_GiveUp, RecursionError):
         return None
     finally:
-        del save, save_pairs, save_tensor, save_str, save_global, hand_over, tensor_opcodes
+        # the names, not the functions: rebinding them empties the cells that close the cycle
+        save = save_pairs = save_tensor = save_str = _UNBOUND
+        save_global = hand_over = tensor_opcodes = _UNBOUND
     out(b".")
     return b"".join(chunks), storages
