@@ -180,6 +180,16 @@ class Arena:
         self._used[id(staged)] = staged
         return True
 
+    def reclaim_all(self, staged: list[StagedStorage]) -> bool:
+        """:meth:`reclaim` of every one of ``staged`` (distinct storages), all or none:
+        False, with nothing taken, when any one is not free."""
+        spare = self._spare
+        keys = list(map(id, staged))
+        if not all(map(spare.__contains__, keys)):
+            return False
+        self._used.update(zip(keys, map(spare.pop, keys), strict=True))
+        return True
+
     def finish(self, by_source: dict[int, StagedStorage] | None = None) -> None:
         """End a staging call: storages it did not take are freed, the rest kept for
         reuse; ``by_source`` (source storage address -> staged storage) is remembered

@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,30 @@ class Segment:
             self.fd = -1
 
 
+def _block_freer(
+    lock: threading.RLock,
+    blocks: dict[int, weakref.ref[Any]],
+    owners: dict[int, tuple[int, int, int, int]],
+    free: dict[int, list[tuple[int, int]]],
+    closed: list[bool],
+) -> Callable[[weakref.ref[Any]], None]:
+    """The weak-reference callback of :class:`SharedMemory`'s blocks: a block whose
+    owner died goes back to the free list of its aligned size (unless closed)."""
+
+    def on_free(ref: weakref.ref[Any]) -> None:
+        with lock:
+            owner = owners.pop(id(ref), None)
+            if owner is None:
+                return
+            seg_id, offset, nbytes, ptr = owner
+            if blocks.get(ptr) is ref:
+                del blocks[ptr]
+            if not closed[0]:
+                free.setdefault(_round_up(nbytes, ALIGNMENT), []).append((seg_id, offset))
+
+    return on_free
+
+
 def _storage_over(
     mapping: mmap.mmap, offset: int, nbytes: int
 ) -> tuple[torch.UntypedStorage, memoryview]:
@@ -167,9 +192,17 @@ class SharedMemory:
         self._segments: dict[int, Segment] = {}
         self._current: Segment | None = None
         self._free: dict[int, list[tuple[int, int]]] = {}  # aligned size -> [(seg, off)]
-        # live blocks: data_ptr -> (location, the weak reference that frees the block)
-        self._blocks: dict[int, tuple[Location, weakref.ref[Any]]] = {}
-        self._closed = False
+        # live blocks: data_ptr -> the weak reference (to the block's owner) that frees
+        # it, and id(that reference) -> (segment, offset, nbytes, data_ptr)
+        self._blocks: dict[int, weakref.ref[Any]] = {}
+        self._owners: dict[int, tuple[int, int, int, int]] = {}
+        self._closed: list[bool] = [False]  # shared with the freeing callback
+        # one callback for every block (not a closure per block: with tens of thousands
+        # of blocks, their cells and functions would be most of the objects a cold save
+        # makes for the collector)
+        self._on_free = _block_freer(
+            self._lock, self._blocks, self._owners, self._free, self._closed
+        )
         self.stats = ShmStats()
 
     def allocate(self, nbytes: int, pinned: bool = False) -> torch.UntypedStorage:
@@ -192,19 +225,18 @@ class SharedMemory:
             return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
         size = _round_up(nbytes, ALIGNMENT)
         with self._lock:
-            if self._closed:  # a staging call racing finalize(): private memory
+            if self._closed[0]:  # a staging call racing finalize(): private memory
                 return allocate_host(nbytes, pinned)
             segment, offset = self._block(size)
             if pinned:
                 segment.pin()
             storage, owner = segment.carve(offset, nbytes)
             ptr = segment.address + offset
-            seg_id = segment.id
-            release = self._release
             # the block goes back to the free list when the storage is gone; a plain
             # weak reference (not weakref.finalize: twice the cost, 50,000 times)
-            ref = weakref.ref(owner, lambda _ref: release(ptr, seg_id, offset, size))
-            self._blocks[ptr] = ((seg_id, offset, nbytes), ref)
+            ref = weakref.ref(owner, self._on_free)
+            self._blocks[ptr] = ref
+            self._owners[id(ref)] = (segment.id, offset, nbytes, ptr)
             self.stats.blocks += 1
         return storage
 
@@ -240,24 +272,18 @@ class SharedMemory:
         self.stats.reserved_bytes += size
         return segment
 
-    def _release(self, ptr: int, seg_id: int, offset: int, size: int) -> None:
-        with self._lock:
-            entry = self._blocks.get(ptr)
-            if entry is not None and entry[0][:2] == (seg_id, offset):
-                del self._blocks[ptr]
-            if not self._closed:
-                self._free.setdefault(size, []).append((seg_id, offset))
-
     def locate(self, storage: torch.UntypedStorage) -> Location | None:
         """Where ``storage`` lives, or None when it is not one of this allocator's (of
         another allocator, or a view into one of its blocks other than the whole)."""
         nbytes = storage.nbytes()
         if nbytes == 0:
             return (-1, 0, 0)
-        entry = self._blocks.get(storage.data_ptr())
-        if entry is None or entry[0][2] != nbytes:
-            return None
-        return entry[0]
+        with self._lock:
+            ref = self._blocks.get(storage.data_ptr())
+            if ref is None:
+                return None
+            seg_id, offset, size, _ = self._owners[id(ref)]
+        return (seg_id, offset, size) if size == nbytes else None
 
     def copy_in(self, storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, Location]:
         """A shared copy of ``storage`` (one this allocator does not hold) and its place.
@@ -280,7 +306,7 @@ class SharedMemory:
         """Drop the allocator's segments: close their descriptors, forget their mappings
         (a mapping goes when the last storage carved from it goes). Idempotent."""
         with self._lock:
-            self._closed = True
+            self._closed[0] = True
             segments = list(self._segments.values())
             self._segments.clear()
             self._free.clear()

@@ -42,6 +42,8 @@ import collections
 import copy
 import copyreg
 import io
+import itertools
+import operator
 import pickle
 import struct
 import threading
@@ -51,7 +53,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -103,8 +105,8 @@ _BY_NAME: tuple[type, ...] = (
     weakref.ref,
     property,
 )
-#: A planned copy: destination, source, whether the source is on a CUDA device.
-_Copy = tuple[torch.Tensor, torch.Tensor, bool]
+#: A planned copy: destination, source.
+_Copy = tuple[torch.Tensor, torch.Tensor]
 
 # Layout tokens (see snapwriter._layout): markers that no user value can equal.
 # Tokens are appended flat (markers followed by fields), so that a layout adds no
@@ -205,7 +207,7 @@ class Stager:
                 except Exception as exc:
                     raise StagingError(f"cannot stage target: {type(exc).__name__}: {exc}") from exc
                 try:
-                    events = self._copy(batch, walk.device_copies + walk.copies)
+                    events = self._copy(batch, walk.device_copies, walk.copies)
                 except Exception as exc:
                     raise StagingError(f"cannot copy tensors: {type(exc).__name__}: {exc}") from exc
                 # Drop the walk's per-tensor bookkeeping before the collector is back on:
@@ -267,7 +269,7 @@ class Stager:
         with self._lock:
             return self._free.pop() if self._free else Arena(self._allocate)
 
-    def _copy(self, batch: CopyBatch, copies: list[_Copy]) -> list[Any]:
+    def _copy(self, batch: CopyBatch, device_copies: list[_Copy], host: list[_Copy]) -> list[Any]:
         """Run the copies the walk planned and has not started; return the CUDA events
         to wait on.
 
@@ -276,13 +278,9 @@ class Stager:
         CUDA sources: a side stream per device, so the call returns before the copy
         finishes.
         """
-        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for d, s, on_cuda in copies:
-            if on_cuda:
-                by_device.setdefault(s.device, []).append((d, s))
-            else:
-                host.append((d, s))
+        by_device: dict[torch.device, list[_Copy]] = {}
+        for d, s in device_copies:
+            by_device.setdefault(s.device, []).append((d, s))
         events: list[Any] = []
         try:
             with torch.no_grad():
@@ -329,7 +327,7 @@ class _Walk:
         self.arena = arena
         #: host copies started while the walk goes on (each CHUNK_COPIES planned)
         self.batch = batch
-        #: copies from CUDA, set aside when host copies are started
+        #: copies from CUDA, made once the walk is over (on a side stream)
         self.device_copies: list[_Copy] = []
         self.check_pickle = check_pickle
         self.memo: dict[Any, Any] = {}
@@ -338,6 +336,7 @@ class _Walk:
         self.generation = arena.generation
         self.storages: dict[int, StagedStorage] = {}
         self.by_source = arena.by_source
+        #: host copies planned and not started yet
         self.copies: list[_Copy] = []
         self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
         self._torch_memo: dict[int, torch.UntypedStorage] = {}
@@ -442,10 +441,180 @@ class _Walk:
 
     def _fill(self, out: dict[Any, Any], obj: dict[Any, Any]) -> None:
         """Put the staged items of ``obj`` into ``out``, in order (plain tensors, the
-        common value, without a trip through :meth:`stage`)."""
+        common value, without a trip through :meth:`stage`).
+
+        A big dict (a module's state_dict) is taken :data:`BULK_ITEMS` items at a time:
+        a run of string keys and plain tensors is checked and staged by whole-list
+        operations (:meth:`_bulk_warm` when the arena saved them last time,
+        :meth:`_bulk_cold` in the arena's first save), any other run item by item.
+        """
+        if len(obj) < BULK_ITEMS:
+            self._fill_items(out, obj.items())
+            return
+        bulk = self._bulk_warm if self.by_source else self._bulk_cold
+        keys, values = list(obj), list(obj.values())
+        for i in range(0, len(keys), BULK_ITEMS):
+            ks, vs = keys[i : i + BULK_ITEMS], values[i : i + BULK_ITEMS]
+            if not bulk(out, ks, vs):
+                self._fill_items(out, zip(ks, vs, strict=True))
+
+    def _bulk_run(self, keys: list[Any], values: list[Any]) -> tuple[list[int], list[int]] | None:
+        """What :meth:`_bulk_warm` and :meth:`_bulk_cold` check first, or None: every key
+        a string, every value a distinct plain dense CPU tensor or Parameter (the exact
+        dispatch keys of one) without Python state and over a storage of its own, none
+        of them reached before in this walk. Returns the values' ids and storage
+        addresses."""
+        if set(map(type, keys)) != _STR or not set(map(type, values)) <= _WARM_CLASSES:
+            return None
+        n = len(values)
+        ids = list(map(id, values))
+        if len(set(ids)) != n or not self.memo.keys().isdisjoint(ids):
+            return None
+        if not all(map(_PLAIN_CPU_KEYS.__eq__, map(_dispatch_keys, values))):
+            return None
+        addrs = list(map(storage_address, values))
+        if (
+            len(set(addrs)) != n
+            or not self.storages.keys().isdisjoint(addrs)
+            or any(map(_DICT_OF, values))
+        ):
+            return None
+        return ids, addrs
+
+    def _bulk_warm(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+        """:meth:`_warm` of a run of dict items at once, all or nothing.
+
+        Applies to a run :meth:`_bulk_run` accepts where :meth:`_warm` applies to every
+        value. The same checks, as whole-list operations: False, with nothing staged,
+        when any one fails.
+        """
+        run = self._bulk_run(keys, values)
+        if run is None:
+            return False
+        ids, addrs = run
+        found = list(map(self.by_source.get, addrs))
+        if None in found:
+            return False
+        slots = cast("list[StagedStorage]", found)
+        warms = list(map(_WARM_OF, slots))
+        if None in warms:
+            return False
+        checks = zip(
+            map(type, values),
+            map(_DTYPE_OF, values),
+            map(torch.Tensor.storage_offset, values),
+            map(torch.Tensor.size, values),
+            map(torch.Tensor.stride, values),
+            map(_REQUIRES_GRAD_OF, values),
+            map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)),
+            strict=True,
+        )
+        if list(checks) != list(map(_CHECK_OF, warms)) or not self.arena.reclaim_all(slots):
+            return False
+        # every check passed: stage the run as _warm does, item by item
+        generation = self.generation
+        for slot in slots:
+            slot.view_generation = generation  # its view is taken for this walk
+        outs = list(map(_OUT_OF, warms))
+        dsts = list(map(_DST_OF, warms))
+        self._commit_run(out, keys, values, ids, addrs, slots, outs, dsts, warms)
+        return True
+
+    def _bulk_cold(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+        """:meth:`_plain_tensor` of a run of dict items at once, in the arena's first save.
+
+        Applies to a run :meth:`_bulk_run` accepts whose tensors each cover their
+        storage exactly (offset 0, contiguous, as many bytes as the storage): each gets
+        a new staged storage of its size, a staged tensor over it with its class, size,
+        stride and ``requires_grad``, and the warm record :meth:`_warm` repeats next
+        time. False, with nothing staged, when any check fails.
+        """
+        run = self._bulk_run(keys, values)
+        if run is None:
+            return False
+        ids, addrs = run
+        nbytes = list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)))
+        if (
+            any(map(torch.Tensor.storage_offset, values))
+            or not all(map(torch.Tensor.is_contiguous, values))
+            or list(map(_NBYTES_OF, values)) != nbytes
+        ):
+            return False
+        tokens = self.tokens
+        take = self.arena.take
+        generation = self.generation
+        slots: list[StagedStorage] = []
+        outs: list[torch.Tensor] = []
+        dsts: list[torch.Tensor] = []
+        for t, size_of in zip(values, nbytes, strict=True):
+            cls = type(t)
+            geometry = (t.dtype, 0, t.size(), t.stride())
+            requires_grad = t.requires_grad
+            slot = take(size_of, False)
+            dst = slot.new_view(geometry)
+            slot.view, slot.view_geometry, slot.view_generation = dst, geometry, generation
+            slot.dense = geometry
+            if cls is not torch.Tensor:
+                staged = torch.Tensor._make_subclass(cls, dst, requires_grad)
+            elif requires_grad:
+                staged = dst.detach().requires_grad_(True)
+            else:
+                staged = dst
+            dtype, _, size, stride = geometry
+            if tokens is not None:
+                # as _tensor_token makes them: the tensor, then its storage's record
+                token = (_TENSOR, cls, dtype, 0, len(size), *size, *stride, requires_grad)
+                token += (_STORAGE_NEW, size_of, None)
+                check = (cls, *geometry, requires_grad, size_of)
+                slot.warm = (check, staged, dst, token, len(token) + 1)
+            else:
+                slot.warm = None
+            slots.append(slot)
+            outs.append(staged)
+            dsts.append(dst)
+        warms = list(map(_WARM_OF, slots))
+        self._commit_run(out, keys, values, ids, addrs, slots, outs, dsts, warms)
+        return True
+
+    def _commit_run(
+        self,
+        out: dict[Any, Any],
+        keys: list[Any],
+        values: list[Any],
+        ids: list[int],
+        addrs: list[int],
+        slots: list[StagedStorage],
+        outs: list[torch.Tensor],
+        dsts: list[torch.Tensor],
+        warms: list[Any],
+    ) -> None:
+        """Record a run :meth:`_bulk_warm` or :meth:`_bulk_cold` staged, as
+        :meth:`_warm` records one tensor: its storages, copies (into ``dsts``), layout
+        tokens (each item's key, then its tensor's, from its warm record in ``warms``)
+        and memo entries; put its staged tensors ``outs`` into ``out``."""
+        self.storages.update(zip(addrs, slots, strict=True))
+        copies = self.copies
+        copies.extend(zip(dsts, values, strict=True))
+        if len(copies) >= CHUNK_COPIES:
+            self._start_copies()
+        tokens = self.tokens
+        if tokens is not None:
+            first = itertools.accumulate(map(_STEP_OF, warms), initial=len(tokens) + 1)
+            self._first.update(zip(ids, first, strict=False))  # first: one more
+            index = self._storage_index
+            index.update(zip(addrs, range(len(index), len(index) + len(addrs)), strict=True))
+            toks = map(_TOKEN_OF, warms)
+            tokens.extend(_flatten(_flatten(zip(zip(keys), toks, strict=True))))
+            self.strings.extend(keys)
+        self.memo.update(zip(ids, outs, strict=True))
+        self.keep.extend(values)
+        out.update(zip(keys, outs, strict=True))
+
+    def _fill_items(self, out: dict[Any, Any], items: Any) -> None:
+        """:meth:`_fill` item by item."""
         stage, tensor, memo, atom = self.stage, self._cold_tensor, self.memo, self._atom
         warm = self._warm if self.by_source else None
-        for k, v in obj.items():
+        for k, v in items:
             # atomic keys and values bypass stage(), so their layout tokens are added
             # here (stage() and tensor() add their own)
             if type(k) in _ATOMIC:
@@ -656,7 +825,7 @@ class _Walk:
             slot.view, slot.view_geometry, slot.view_generation = out, geometry, self.generation
         if new_storage:
             if slot.dense == geometry and not metadata and not slot.pinned:
-                self.copies.append((out, t, False))  # as planned last time: see _plan_copy
+                self.copies.append((out, t))  # as planned last time: see _plan_copy
             else:
                 self._plan_copy(slot, t, out, geometry, metadata)
             if len(self.copies) >= CHUNK_COPIES:
@@ -676,8 +845,9 @@ class _Walk:
         state = None if cls is torch.Tensor and not t.__dict__ else state_of(t)
         if new_storage:
             # repeatable next time as is: see _warm
+            token = tuple(tokens[start:]) if tokens is not None else ()
             slot.warm = (
-                (cls, *geometry, requires_grad, out, dst, tuple(tokens[start:]))
+                ((cls, *geometry, requires_grad, slot.nbytes), out, dst, token, len(token) + 1)
                 if (
                     tokens is not None
                     and self.tokens is tokens
@@ -715,23 +885,26 @@ class _Walk:
         warm = slot.warm
         if warm is None or cdata in self.storages:
             return None
-        cls, dtype, offset, size, stride, requires_grad, out, dst, token = warm
+        check, out, dst, token, _ = warm
         if (
-            type(t) is not cls
-            or t.dtype is not dtype
-            or t.storage_offset() != offset
-            or t.size() != size
-            or t.stride() != stride
-            or t.requires_grad is not requires_grad
+            (
+                type(t),
+                t.dtype,
+                t.storage_offset(),
+                t.size(),
+                t.stride(),
+                t.requires_grad,
+                t.untyped_storage().nbytes(),
+            )
+            != check
             or t.__dict__
-            or t.untyped_storage().nbytes() != slot.nbytes
             or not self.arena.reclaim(slot)
         ):
             return None
         self.storages[cdata] = slot
         slot.view_generation = self.generation  # its view is taken for this walk
         copies = self.copies
-        copies.append((dst, t, False))
+        copies.append((dst, t))
         if len(copies) >= CHUNK_COPIES:
             self._start_copies()
         tokens = self.tokens
@@ -782,13 +955,7 @@ class _Walk:
     def _start_copies(self) -> None:
         """Start the host copies planned so far (see :mod:`snapwriter._copier`)."""
         copies, self.copies = self.copies, []
-        host = []
-        for d, s, on_cuda in copies:
-            if on_cuda:
-                self.device_copies.append((d, s, on_cuda))
-            else:
-                host.append((d, s))
-        self.batch.start(host)
+        self.batch.start(copies)
 
     def _plan_copy(
         self,
@@ -805,16 +972,17 @@ class _Walk:
         any other storage as raw bytes.
         """
         on_cuda = t.is_cuda
+        copies = self.device_copies if on_cuda else self.copies
         if (
             geometry[1] == 0
             and not metadata
             and t.is_contiguous()
             and t.numel() * t.element_size() == slot.nbytes
         ):
-            self.copies.append((out, t, on_cuda))
+            copies.append((out, t))
             slot.dense = geometry
         else:
-            self.copies.append((slot.raw, bytes_of(t.untyped_storage()), on_cuda))
+            copies.append((slot.raw, bytes_of(t.untyped_storage())))
             slot.dense = None
         if on_cuda:
             self.device_tags.append((slot.storage, f"cuda:{t.device.index or 0}"))
@@ -878,6 +1046,24 @@ _DISPATCH: dict[type, Callable[[_Walk, Any], Any]] = {
     torch.nn.Parameter: _Walk._tensor,
 }
 _NO_METADATA: dict[str, bool] = {}
+#: Dicts from this many items on are staged in runs of this many (see _Walk._fill).
+BULK_ITEMS = 256
+_STR = frozenset({str})
+_WARM_CLASSES = frozenset({torch.Tensor, torch.nn.Parameter})
+_flatten = itertools.chain.from_iterable
+# the fields of a tensor's warm record (StagedStorage.warm, built in _plain_tensor):
+# what _warm checks, the staged tensor, its copy's destination, its layout tokens and
+# their number plus one
+_CHECK_OF = operator.itemgetter(0)
+_OUT_OF = operator.itemgetter(1)
+_DST_OF = operator.itemgetter(2)
+_TOKEN_OF = operator.itemgetter(3)
+_STEP_OF = operator.itemgetter(4)
+_WARM_OF = operator.attrgetter("warm")
+_DTYPE_OF = operator.attrgetter("dtype")
+_REQUIRES_GRAD_OF = operator.attrgetter("requires_grad")
+_DICT_OF = operator.attrgetter("__dict__")
+_NBYTES_OF = operator.attrgetter("nbytes")
 
 
 def _plain_subclass(cls: type) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from snapwriter._fastsave import fast_torch_save
-from snapwriter._staging import Stager, _Walk
+from snapwriter._staging import BULK_ITEMS, Stager, _Walk
 
 
 def _torch_save(obj: Any) -> bytes:
@@ -94,14 +94,44 @@ CHANGES: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+_PADS_BEFORE, _PADS_AFTER = 100, 2 * BULK_ITEMS
+
+
+def _big_state() -> dict[str, Any]:
+    """:func:`_state` among enough tensors that the changed ones are staged in a run of
+    :meth:`_Walk._bulk_warm` (the first :data:`BULK_ITEMS` items)."""
+    small = _state()
+    state: dict[str, Any] = {f"a{i}": torch.full((4,), float(i)) for i in range(_PADS_BEFORE)}
+    state.update((k, v) for k, v in small.items() if k != "step")
+    state.update((f"z{i}", torch.full((2, 3), float(i))) for i in range(_PADS_AFTER))
+    state["step"] = small["step"]
+    return state
+
+
+def _keep_additions_in_the_first_run(state: dict[str, Any]) -> None:
+    """Move items a change added (at the end) next to the changed ones, in the first run."""
+    items = list(state.items())
+    cut = _PADS_BEFORE + 4
+    added = [(k, v) for k, v in items if k not in _BIG_KEYS]
+    kept = [(k, v) for k, v in items if k in _BIG_KEYS]
+    state.clear()
+    state.update(kept[:cut] + added + kept[cut:])
+
+
+_BIG_KEYS = frozenset(_big_state())
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
 @pytest.mark.parametrize("name", list(CHANGES))
-def test_an_in_place_change_reaches_the_next_file(name: str) -> None:
+def test_an_in_place_change_reaches_the_next_file(name: str, size: str) -> None:
     stager = Stager()
     try:
-        state = _state()
+        state = _state() if size == "small" else _big_state()
         assert _staged_bytes(stager, state) == _torch_save(state)
         assert _staged_bytes(stager, state) == _torch_save(state)  # warm from here on
         CHANGES[name](state)
+        if size == "big":
+            _keep_additions_in_the_first_run(state)
         assert _staged_bytes(stager, state) == _torch_save(state), name
         CHANGES["values (an optimizer step)"](state)
         assert _staged_bytes(stager, state) == _torch_save(state), name
@@ -135,5 +165,91 @@ def test_unchanged_saves_take_the_warm_path(monkeypatch: pytest.MonkeyPatch) -> 
         state["t7"].resize_(4)
         assert _staged_bytes(stager, state) == _torch_save(state)
         assert taken.count(False) == 1 and len(taken) == 51
+    finally:
+        stager.close()
+
+
+def test_big_dicts_take_the_bulk_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a test of speed: that a warm big dict is staged in whole runs, and that a run
+    with a changed tensor falls back to the item-by-item path, byte for byte right."""
+    runs: list[bool] = []
+    real = _Walk._bulk_warm
+
+    def spy(self: _Walk, *args: Any) -> bool:
+        out = real(self, *args)
+        runs.append(out)
+        return out
+
+    monkeypatch.setattr(_Walk, "_bulk_warm", spy)
+    stager = Stager()
+    try:
+        model = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(3 * BULK_ITEMS)}
+        state = {"model": model, "iteration": 0}
+        _staged_bytes(stager, state)
+        assert runs == []  # cold: nothing to repeat
+        for t in model.values():
+            t.add_(1)
+        state["iteration"] = 1
+        assert _staged_bytes(stager, state) == _torch_save(state)
+        assert runs == [True] * 3
+        runs.clear()
+        model[f"layer{BULK_ITEMS + 5}.weight"].resize_(4)  # the second run
+        model["layer3.weight"] = model["layer2.weight"]  # tied, in the first
+        assert _staged_bytes(stager, state) == _torch_save(state)
+        assert runs == [False, False, True]
+        runs.clear()
+        assert _staged_bytes(stager, state) == _torch_save(state)
+        # the first run still holds the tied pair; the resized one is warm again
+        assert runs == [False, True, True]
+    finally:
+        stager.close()
+
+
+def _varied(i: int) -> torch.Tensor:
+    """Tensors of every kind a run of a big state dict may hold, by position."""
+    kind = i % 7
+    if kind == 0:
+        return torch.full((3, 2), float(i))
+    if kind == 1:
+        return torch.nn.Parameter(torch.full((4,), float(i)))
+    if kind == 2:
+        return torch.arange(i, i + 5, dtype=torch.int64)
+    if kind == 3:
+        return torch.full((2,), float(i), requires_grad=True)
+    if kind == 4:
+        return torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64), requires_grad=False)
+    if kind == 5:
+        return torch.ones(1, 4).expand(3, 4)  # not dense: its run is staged item by item
+    return torch.tensor(float(i), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dense_only", [True, False])
+def test_a_cold_big_dict_is_staged_as_torch_save_writes_it(
+    dense_only: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arena's first save of a big dict (runs of :meth:`_Walk._bulk_cold`), then warm
+    saves of it (:meth:`_Walk._bulk_warm`, from the warm records the cold runs left),
+    each byte for byte the file torch.save writes."""
+    runs: list[bool] = []
+    real = _Walk._bulk_cold
+
+    def spy(self: _Walk, *args: Any) -> bool:
+        out = real(self, *args)
+        runs.append(out)
+        return out
+
+    monkeypatch.setattr(_Walk, "_bulk_cold", spy)
+    n = 3 * BULK_ITEMS
+    model = {f"m.{i}": _varied(i) for i in range(n) if not (dense_only and i % 7 == 5)}
+    state = {"model": model, "iteration": 3}
+    stager = Stager()
+    try:
+        for _ in range(3):
+            assert _staged_bytes(stager, state) == _torch_save(state)
+            with torch.no_grad():
+                for t in model.values():
+                    if t.dtype.is_floating_point and t.dim() and t.stride(0):
+                        t.add_(1)
+        assert runs == ([True] * 3 if dense_only else [False] * 3)
     finally:
         stager.close()
