@@ -54,12 +54,14 @@ __all__ = (
 )
 
 #: ``staging="auto"`` forks for states of at least this many storages...
-AUTO_MIN_STORAGES = 1000
-#: ...of at most this many bytes on average. Measured here (2 cores): staging costs about
-#: 8 us a storage plus the copy; a fork costs a few ms plus about 3 us for each 4 KiB page
-#: the trainer writes while the child lives. 50,000 storages of 1 KiB: 0.06 s lost with a
-#: fork, 0.50 s staged; 5,000 of 13 KiB: 0.058 s against 0.055 s; 190 of 2.7 MiB: 0.36 s
-#: against 0.11 s.
+AUTO_MIN_STORAGES = 5000
+#: ...of at most this many bytes on average. Measured here (2 cores, one run of
+#: ``make bench-compare``): a warm staging call costs about 4 us a storage plus the copy
+#: (runs of a state dict are checked and staged by whole-list operations); a fork costs
+#: about 15 ms plus about 3 us for each 4 KiB page the trainer writes while the child
+#: lives. 50,000 storages of 1 KiB: 0.08-0.14 s lost with a fork, 0.20-0.28 s staged;
+#: 5,000 of 13 KiB: 0.055 s against 0.024 s; 190 of 2.7 MiB: 0.32 s against 0.05 s. So
+#: about 5,000 storages of 1 KiB cost the same either way.
 AUTO_MAX_MEAN_BYTES = 8192
 
 

@@ -422,7 +422,7 @@ class ProcessWriter(StandardWriter):
             copy-on-write snapshot per call, see above) or ``"auto"``: the first save
             forks (its child reports the state's shape), later ones fork while the
             writer's previous save held many small storages
-            (:func:`~snapwriter._cow.many_small_storages`: at least 1,000 of 8 KiB or
+            (:func:`~snapwriter._cow.many_small_storages`: at least 5,000 of 8 KiB or
             less on average) and stage into shared memory otherwise.
         Other arguments: as :class:`StandardWriter`.
     """

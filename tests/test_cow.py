@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import snapwriter
-from snapwriter._cow import unforkable
+from snapwriter._cow import AUTO_MIN_STORAGES, unforkable
 from snapwriter._save import SaveRequest
 from tests.conftest import load, make_state
 
@@ -130,7 +130,7 @@ def test_staging_must_be_shared_or_fork() -> None:
 
 
 def test_auto_forks_once_a_save_showed_many_small_storages(tmp_path: Path) -> None:
-    small = {f"p{i}": torch.full((8,), float(i)) for i in range(2000)}
+    small = {f"p{i}": torch.full((8,), float(i)) for i in range(AUTO_MIN_STORAGES)}
     large = {"w": torch.randn(64, 1024), "b": torch.randn(4096)}
     with snapwriter.ProcessWriter(out_dir=str(tmp_path), staging="auto") as w:
         w("l0.pt", "", large).result(timeout=120)  # the first save forks, and learns
@@ -163,7 +163,8 @@ def test_auto_decision_rule() -> None:
 
     assert not many_small_storages(None)
     assert many_small_storages((50_000, 50_000 * 1024))
-    assert not many_small_storages((999, 999))  # too few to matter
+    assert not many_small_storages((AUTO_MIN_STORAGES - 1, 1024 * (AUTO_MIN_STORAGES - 1)))
+    assert many_small_storages((AUTO_MIN_STORAGES, 1024 * AUTO_MIN_STORAGES))
     assert not many_small_storages((190, 512 << 20))
     assert not many_small_storages((5000, 5000 * 13_000))
 
