@@ -15,29 +15,29 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from collections.abc import Iterator
+
+from ._held import Held
 
 __all__ = ("collector_paused",)
 
-_lock = threading.Lock()
-_depth = 0
-_was_enabled = False
+
+def _pause() -> bool:
+    was = gc.isenabled()
+    gc.disable()
+    return was
+
+
+def _resume(was: bool) -> None:
+    if was:
+        gc.enable()
+
+
+_held = Held(_pause, _resume)
 
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Keep the cyclic garbage collector off inside the block (see the module doc)."""
-    global _depth, _was_enabled
-    with _lock:
-        if _depth == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _depth += 1
-    try:
+    with _held.block():
         yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and _was_enabled:
-                gc.enable()

@@ -20,35 +20,34 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Iterator
+
+from ._held import Held
 
 __all__ = ("SWITCH_SECONDS", "fast_switching")
 
 #: The switch interval while staging.
 SWITCH_SECONDS = 0.0002
 
-_lock = threading.Lock()
-_depth = 0
-_before = 0.0
-_ours = 0.0
+
+def _shorten() -> tuple[float, float]:
+    before = sys.getswitchinterval()
+    if before > SWITCH_SECONDS:
+        sys.setswitchinterval(SWITCH_SECONDS)
+    return before, sys.getswitchinterval()
+
+
+def _restore(saved: tuple[float, float]) -> None:
+    before, ours = saved
+    if sys.getswitchinterval() == ours:  # else someone changed it meanwhile: theirs
+        sys.setswitchinterval(before)
+
+
+_held = Held(_shorten, _restore)
 
 
 @contextlib.contextmanager
 def fast_switching() -> Iterator[None]:
     """Run the block with a switch interval of at most :data:`SWITCH_SECONDS`."""
-    global _depth, _before, _ours
-    with _lock:
-        if _depth == 0:
-            _before = sys.getswitchinterval()
-            if _before > SWITCH_SECONDS:
-                sys.setswitchinterval(SWITCH_SECONDS)
-            _ours = sys.getswitchinterval()
-        _depth += 1
-    try:
+    with _held.block():
         yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0 and sys.getswitchinterval() == _ours:
-                sys.setswitchinterval(_before)
