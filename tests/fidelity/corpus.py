@@ -348,6 +348,28 @@ def _tied_embedding() -> Any:
         return TiedLM().state_dict()
 
 
+@_entry("big_state_dict_runs")
+def _big_state_dict() -> Any:
+    """A module's state_dict of more than 256 entries (OrderedDict with ``_metadata``),
+    staged in runs of whole-list operations: runs of plain tensors (float, int64,
+    bfloat16 buffers), and runs holding what sends a run item by item (a tied weight, a
+    view of another entry's storage, a transposed view)."""
+    with _seeded(15):
+        layers: list[nn.Module] = []
+        for i in range(300):
+            layers.append(nn.Linear(3, 2))
+            if i % 40 == 0:
+                layers.append(nn.BatchNorm1d(2))
+        model = nn.Sequential(*layers)
+        model.register_buffer("codes", torch.arange(6, dtype=torch.int64))
+        model.register_buffer("brain", torch.ones(3, dtype=torch.bfloat16))
+        model[50].weight = model[10].weight  # tied: one storage, two entries
+    state = model.state_dict()
+    state["view_of_codes"] = state["codes"][2:]
+    state["transposed"] = torch.arange(6.0).reshape(2, 3).t()
+    return {"model": state, "epoch": 3}
+
+
 @_entry("same_tensor_twice")
 def _same_tensor() -> Any:
     t = torch.randn(5, generator=_gen(12))
