@@ -100,6 +100,8 @@ class StagedStorage:
 
 #: Makes one staged storage: ``allocate(nbytes, pinned)``.
 Allocator = Callable[[int, bool], torch.UntypedStorage]
+#: Makes several at once (the first save of a big state): ``allocate_many(sizes, pinned)``.
+ManyAllocator = Callable[[list[int], bool], list[torch.UntypedStorage]]
 
 
 def allocate_host(nbytes: int, pinned: bool) -> torch.UntypedStorage:
@@ -123,8 +125,11 @@ class Arena:
         generation: incremented by every staging call that uses the arena.
     """
 
-    def __init__(self, allocate: Allocator | None = None) -> None:
+    def __init__(
+        self, allocate: Allocator | None = None, allocate_many: ManyAllocator | None = None
+    ) -> None:
         self._allocate = allocate or allocate_host
+        self._allocate_many = allocate_many
         # by id: a given one is taken back in O(1) (the warm path, once per storage)
         self._spare: dict[int, StagedStorage] = {}
         self._used: dict[int, StagedStorage] = {}
@@ -162,6 +167,17 @@ class Arena:
         staged = StagedStorage(self._allocate(nbytes, pinned), nbytes, pinned)
         self.allocations += 1
         self._used[id(staged)] = staged
+        return staged
+
+    def take_many(self, sizes: list[int]) -> list[StagedStorage]:
+        """:meth:`take` of unpinned storages of each of ``sizes`` (spare ones first; the
+        rest made by one call of the arena's ``allocate_many`` where it has one)."""
+        if self._spare or self._allocate_many is None:
+            return [self.take(nbytes, False) for nbytes in sizes]
+        made = self._allocate_many(sizes, False)
+        staged = list(map(StagedStorage, made, sizes))
+        self.allocations += len(staged)
+        self._used.update(zip(map(id, staged), staged, strict=True))
         return staged
 
     def take_back(self, staged: StagedStorage, nbytes: int, pinned: bool) -> bool:

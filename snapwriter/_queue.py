@@ -387,7 +387,9 @@ class ProcessQueueWriter(QueueWriter):
         if self._own_task() and saver_supported():
             self._shm = SharedMemory()
             if not self._ppe_mode:
-                self._stager = Stager(allocate=self._shm.allocate)
+                self._stager = Stager(
+                    allocate=self._shm.allocate, allocate_many=self._shm.allocate_many
+                )
             self._consumer = SaverProcess(self._mp_context, self._shm)
             if not self._ppe_mode:
                 self._consumer.prestart()

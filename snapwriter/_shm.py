@@ -100,7 +100,7 @@ class Segment:
         storage, which keeps it alive) where torch keeps a storage's Python object as
         long as its memory (:data:`_PRESERVED`), else the memoryview it is made from."""
         if _PRESERVED:
-            storage = self.storage[offset : offset + nbytes]
+            storage = _slice(self.storage, slice(offset, offset + nbytes))
             return storage, storage
         return _storage_over(self.mapping, offset, nbytes)
 
@@ -176,6 +176,11 @@ def _storage_objects_preserved() -> bool:
 
 #: See :func:`_storage_objects_preserved` (checked once, at import).
 _PRESERVED = _storage_objects_preserved()
+#: A slice of a CPU storage: torch's own, without the Python wrapper's check for
+#: storages on the meta device (a third of the cost).
+_slice: Callable[[torch.UntypedStorage, slice], torch.UntypedStorage] = getattr(  # noqa: B009
+    torch._C.StorageBase, "__getitem__"
+)
 
 
 class SharedMemory:
@@ -220,24 +225,35 @@ class SharedMemory:
                 self.stats.private_blocks += 1
             return allocate_host(nbytes, pinned)
 
+    def allocate_many(self, sizes: list[int], pinned: bool = False) -> list[torch.UntypedStorage]:
+        """:meth:`allocate` of each of ``sizes``, under one lock (the
+        :data:`~snapwriter._pool.ManyAllocator` of the first save of a big state)."""
+        try:
+            with self._lock:
+                return [self._allocate_locked(nbytes, pinned) for nbytes in sizes]
+        except OSError:  # no segment to be had: each one as allocate() makes it
+            return [self.allocate(nbytes, pinned) for nbytes in sizes]
+
     def _allocate_shared(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        with self._lock:
+            return self._allocate_locked(nbytes, pinned)
+
+    def _allocate_locked(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
         if nbytes == 0:
             return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]
-        size = _round_up(nbytes, ALIGNMENT)
-        with self._lock:
-            if self._closed[0]:  # a staging call racing finalize(): private memory
-                return allocate_host(nbytes, pinned)
-            segment, offset = self._block(size)
-            if pinned:
-                segment.pin()
-            storage, owner = segment.carve(offset, nbytes)
-            ptr = segment.address + offset
-            # the block goes back to the free list when the storage is gone; a plain
-            # weak reference (not weakref.finalize: twice the cost, 50,000 times)
-            ref = weakref.ref(owner, self._on_free)
-            self._blocks[ptr] = ref
-            self._owners[id(ref)] = (segment.id, offset, nbytes, ptr)
-            self.stats.blocks += 1
+        if self._closed[0]:  # a staging call racing finalize(): private memory
+            return allocate_host(nbytes, pinned)
+        segment, offset = self._block(_round_up(nbytes, ALIGNMENT))
+        if pinned:
+            segment.pin()
+        storage, owner = segment.carve(offset, nbytes)
+        ptr = segment.address + offset
+        # the block goes back to the free list when the storage is gone; a plain weak
+        # reference (not weakref.finalize: twice the cost, 50,000 times)
+        ref = weakref.ref(owner, self._on_free)
+        self._blocks[ptr] = ref
+        self._owners[id(ref)] = (segment.id, offset, nbytes, ptr)
+        self.stats.blocks += 1
         return storage
 
     def _block(self, size: int) -> tuple[Segment, int]:

@@ -63,7 +63,7 @@ from ._gcpause import collector_paused
 from ._layout import Layout, LayoutMemory
 from ._pickle_emit import CPU as _CPU_TAG
 from ._pickle_emit import STORAGE_TAG as _STORAGE_TAG
-from ._pool import Allocator, Arena, StagedStorage, bytes_of
+from ._pool import Allocator, Arena, ManyAllocator, StagedStorage, bytes_of
 from ._switch import fast_switching
 from ._tensorstate import metadata_of, set_metadata, set_state, state_of, storage_address
 
@@ -161,14 +161,20 @@ class Stager:
         allocate: makes each staged storage (default: private host memory,
             :func:`~snapwriter._pool.allocate_host`); e.g. shared memory for a saving
             process.
+        allocate_many: makes several at once, as ``allocate`` would each (default:
+            ``allocate`` of each): the first save of a big state dict asks for a run of
+            storages at a time.
 
     Attributes:
         allocations: how many staged storages were allocated so far; constant once the
             writer is warm and the layout of what it saves does not change.
     """
 
-    def __init__(self, allocate: Allocator | None = None) -> None:
+    def __init__(
+        self, allocate: Allocator | None = None, allocate_many: ManyAllocator | None = None
+    ) -> None:
         self._allocate = allocate
+        self._allocate_many = allocate_many
         self._lock = threading.Lock()
         self._free: list[Arena] = []
         self._streams: dict[torch.device, Any] = {}
@@ -269,7 +275,7 @@ class Stager:
 
     def _take_arena(self) -> Arena:
         with self._lock:
-            return self._free.pop() if self._free else Arena(self._allocate)
+            return self._free.pop() if self._free else Arena(self._allocate, self._allocate_many)
 
     def _copy(self, batch: CopyBatch, device_copies: list[_Copy], host: list[_Copy]) -> list[Any]:
         """Run the copies the walk planned and has not started; return the CUDA events
@@ -543,17 +549,17 @@ class _Walk:
         ):
             return False
         tokens = self.tokens
-        take = self.arena.take
         generation = self.generation
-        slots: list[StagedStorage] = []
+        slots = self.arena.take_many(nbytes)
         outs: list[torch.Tensor] = []
         dsts: list[torch.Tensor] = []
-        for t, size_of in zip(values, nbytes, strict=True):
+        empty = torch.empty
+        for t, size_of, slot in zip(values, nbytes, slots, strict=True):
             cls = type(t)
-            geometry = (t.dtype, 0, t.size(), t.stride())
+            dtype, size, stride = t.dtype, t.size(), t.stride()
+            geometry = (dtype, 0, size, stride)
             requires_grad = t.requires_grad
-            slot = take(size_of, False)
-            dst = slot.new_view(geometry)
+            dst = empty(0, dtype=dtype).set_(slot.storage, 0, size, stride)
             slot.view, slot.view_geometry, slot.view_generation = dst, geometry, generation
             slot.dense = geometry
             if cls is not torch.Tensor:
@@ -562,7 +568,6 @@ class _Walk:
                 staged = dst.detach().requires_grad_(True)
             else:
                 staged = dst
-            dtype, _, size, stride = geometry
             if tokens is not None:
                 # as _tensor_token makes them: the tensor, then its storage's record
                 token = (_TENSOR, cls, dtype, 0, len(size), *size, *stride, requires_grad)
@@ -571,7 +576,6 @@ class _Walk:
                 slot.warm = (check, staged, dst, token, len(token) + 1)
             else:
                 slot.warm = None
-            slots.append(slot)
             outs.append(staged)
             dsts.append(dst)
         warms = list(map(_WARM_OF, slots))

@@ -451,7 +451,9 @@ class ProcessWriter(StandardWriter):
         self._saver: SaverProcess | None = None
         if self._uses_saver():
             self._shm = SharedMemory()
-            self._stager = Stager(allocate=self._shm.allocate)
+            self._stager = Stager(
+                allocate=self._shm.allocate, allocate_many=self._shm.allocate_many
+            )
             self._saver = SaverProcess(self._mp_context, self._shm)
             self._saver.prestart()
 

@@ -356,3 +356,43 @@ def test_a_forked_trainer_gets_its_own_zygote_not_a_fork_of_itself(tmp_path: Pat
     assert torch_in_saver == "False" and fresh == "True", proc.stdout
     assert saver != child and zygote != child
     assert torch.equal(load(tmp_path / "a.pt")["v"], torch.ones(1000))
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd here")
+def test_many_blocks_at_once_are_allocate_s_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``allocate_many`` (the first save of a big state dict) carves the same blocks as
+    one ``allocate`` each: located, exactly sized, freed when dropped; where no segment
+    can be made, each is private memory, counted, as ``allocate`` makes it."""
+    import gc
+
+    from snapwriter import _shm
+    from snapwriter._shm import SharedMemory
+
+    shm = SharedMemory()
+    try:
+        sizes = [1000, 0, 64, 3 << 20, 1]
+        many = shm.allocate_many(sizes)
+        assert [s.nbytes() for s in many] == sizes
+        places = [shm.locate(s) for s in many]
+        assert all(p is not None for p in places)
+        assert len({p[:2] for p in places if p is not None and p[2]}) == 4  # distinct blocks
+        assert shm.stats.blocks == 4  # the empty storage takes no block
+        first = places[0]
+        del many
+        gc.collect()
+        assert shm.locate(shm.allocate(1000)) == first  # freed, and taken again
+    finally:
+        shm.close()
+
+    def no_segment(*args: object) -> None:
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(_shm.Segment, "__init__", no_segment)
+    shm = SharedMemory()
+    try:
+        private = shm.allocate_many([100, 200])
+        assert [s.nbytes() for s in private] == [100, 200]
+        assert shm.stats.private_blocks == 2
+        assert [shm.locate(s) for s in private] == [None, None]
+    finally:
+        shm.close()
