@@ -294,12 +294,13 @@ class SharedMemory:
         nbytes = storage.nbytes()
         if nbytes == 0:
             return (-1, 0, 0)
-        with self._lock:
-            ref = self._blocks.get(storage.data_ptr())
-            if ref is None:
-                return None
-            seg_id, offset, size, _ = self._owners[id(ref)]
-        return (seg_id, offset, size) if size == nbytes else None
+        # no lock (once a storage, on the hot path of every cold save): a block freed
+        # meanwhile has no owner left, and ``ref`` held here keeps its id from reuse
+        ref = self._blocks.get(storage.data_ptr())
+        owner = None if ref is None else self._owners.get(id(ref))
+        if owner is None or owner[2] != nbytes:
+            return None
+        return owner[:3]
 
     def copy_in(self, storage: torch.UntypedStorage) -> tuple[torch.UntypedStorage, Location]:
         """A shared copy of ``storage`` (one this allocator does not hold) and its place.

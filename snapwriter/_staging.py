@@ -466,12 +466,14 @@ class _Walk:
             if not bulk(out, ks, vs):
                 self._fill_items(out, zip(ks, vs, strict=True))
 
-    def _bulk_run(self, keys: list[Any], values: list[Any]) -> tuple[list[int], list[int]] | None:
+    def _bulk_run(
+        self, keys: list[Any], values: list[Any]
+    ) -> tuple[list[int], list[int], list[int]] | None:
         """What :meth:`_bulk_warm` and :meth:`_bulk_cold` check first, or None: every key
         a string, every value a distinct plain dense CPU tensor or Parameter (the exact
         dispatch keys of one) without Python state and over a storage of its own, none
-        of them reached before in this walk. Returns the values' ids and storage
-        addresses."""
+        of them reached before in this walk. Returns the values' ids, storage addresses
+        and storage sizes."""
         if set(map(type, keys)) != _STR or not set(map(type, values)) <= _WARM_CLASSES:
             return None
         n = len(values)
@@ -487,7 +489,8 @@ class _Walk:
             or any(map(_DICT_OF, values))
         ):
             return None
-        return ids, addrs
+        nbytes = list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)))
+        return ids, addrs, nbytes
 
     def _bulk_warm(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
         """:meth:`_warm` of a run of dict items at once, all or nothing.
@@ -499,7 +502,7 @@ class _Walk:
         run = self._bulk_run(keys, values)
         if run is None:
             return False
-        ids, addrs = run
+        ids, addrs, nbytes = run
         found = list(map(self.by_source.get, addrs))
         if None in found:
             return False
@@ -514,7 +517,7 @@ class _Walk:
             map(torch.Tensor.size, values),
             map(torch.Tensor.stride, values),
             map(_REQUIRES_GRAD_OF, values),
-            map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)),
+            nbytes,
             strict=True,
         )
         if list(checks) != list(map(_CHECK_OF, warms)) or not self.arena.reclaim_all(slots):
@@ -540,8 +543,7 @@ class _Walk:
         run = self._bulk_run(keys, values)
         if run is None:
             return False
-        ids, addrs = run
-        nbytes = list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)))
+        ids, addrs, nbytes = run
         if (
             any(map(torch.Tensor.storage_offset, values))
             or not all(map(torch.Tensor.is_contiguous, values))
@@ -562,20 +564,15 @@ class _Walk:
             dst = empty(0, dtype=dtype).set_(slot.storage, 0, size, stride)
             slot.view, slot.view_geometry, slot.view_generation = dst, geometry, generation
             slot.dense = geometry
-            if cls is not torch.Tensor:
-                staged = torch.Tensor._make_subclass(cls, dst, requires_grad)
-            elif requires_grad:
-                staged = dst.detach().requires_grad_(True)
+            staged = _with_class(dst, cls, requires_grad)
+            if tokens is None:
+                slot.warm = None
             else:
-                staged = dst
-            if tokens is not None:
-                # as _tensor_token makes them: the tensor, then its storage's record
+                # its layout tokens as _tensor_token makes them: the tensor, then its
+                # storage's record
                 token = (_TENSOR, cls, dtype, 0, len(size), *size, *stride, requires_grad)
                 token += (_STORAGE_NEW, size_of, None)
-                check = (cls, *geometry, requires_grad, size_of)
-                slot.warm = (check, staged, dst, token, len(token) + 1)
-            else:
-                slot.warm = None
+                slot.warm = _warm_record(cls, geometry, requires_grad, size_of, staged, dst, token)
             outs.append(staged)
             dsts.append(dst)
         warms = list(map(_WARM_OF, slots))
@@ -841,19 +838,14 @@ class _Walk:
         start = -1 if tokens is None else len(tokens)
         if tokens is not None:
             self._tensor_token(t, cls, cdata, slot, new_storage, geometry, requires_grad, metadata)
-        if cls is not torch.Tensor:
-            # what Parameter.__new__ and torch's rebuild of a subclass do
-            out = torch.Tensor._make_subclass(cls, out, requires_grad)
-        elif requires_grad:
-            out = out.detach().requires_grad_(True)
+        out = _with_class(out, cls, requires_grad)
         self.memo[id(t)] = out
         self.keep.append(t)
         state = None if cls is torch.Tensor and not t.__dict__ else state_of(t)
         if new_storage:
             # repeatable next time as is: see _warm
-            token = tuple(tokens[start:]) if tokens is not None else ()
             slot.warm = (
-                ((cls, *geometry, requires_grad, slot.nbytes), out, dst, token, len(token) + 1)
+                _warm_record(cls, geometry, requires_grad, slot.nbytes, out, dst, tokens[start:])
                 if (
                     tokens is not None
                     and self.tokens is tokens
@@ -1052,14 +1044,40 @@ _DISPATCH: dict[type, Callable[[_Walk, Any], Any]] = {
     torch.nn.Parameter: _Walk._tensor,
 }
 _NO_METADATA: dict[str, bool] = {}
+
+
+def _with_class(view: torch.Tensor, cls: type, requires_grad: bool) -> torch.Tensor:
+    """The staged tensor over ``view``: of class ``cls`` (what Parameter.__new__ and
+    torch's rebuild of a subclass do) with ``requires_grad``."""
+    if cls is not torch.Tensor:
+        return torch.Tensor._make_subclass(cls, view, requires_grad)
+    return view.detach().requires_grad_(True) if requires_grad else view
+
+
+def _warm_record(
+    cls: type,
+    geometry: Any,
+    requires_grad: bool,
+    nbytes: int,
+    staged: torch.Tensor,
+    dst: torch.Tensor,
+    token: Any,
+) -> tuple[Any, ...]:
+    """The warm record of a storage (:attr:`StagedStorage.warm`) whose first tensor was
+    staged as ``staged`` with its copy into ``dst``: what :meth:`_Walk._warm` checks
+    (class, dtype, offset, size, stride, requires_grad, storage size), the staged
+    tensor, the copy's destination, the tensor's layout tokens, and their number plus
+    one (with its key's token, what a dict item adds)."""
+    token = tuple(token)
+    return ((cls, *geometry, requires_grad, nbytes), staged, dst, token, len(token) + 1)
+
+
 #: Dicts from this many items on are staged in runs of this many (see _Walk._fill).
 BULK_ITEMS = 256
 _STR = frozenset({str})
 _WARM_CLASSES = frozenset({torch.Tensor, torch.nn.Parameter})
 _flatten = itertools.chain.from_iterable
-# the fields of a tensor's warm record (StagedStorage.warm, built in _plain_tensor):
-# what _warm checks, the staged tensor, its copy's destination, its layout tokens and
-# their number plus one
+# the fields of a tensor's warm record (StagedStorage.warm, made by _warm_record)
 _CHECK_OF = operator.itemgetter(0)
 _OUT_OF = operator.itemgetter(1)
 _DST_OF = operator.itemgetter(2)

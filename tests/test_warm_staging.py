@@ -33,6 +33,21 @@ def _staged_bytes(stager: Stager, obj: Any) -> bytes:
         stager.release(staged)
 
 
+def _calls(monkeypatch: pytest.MonkeyPatch, method: str, took: Callable[[Any], bool]) -> list[bool]:
+    """Whether each call of ``_Walk.<method>`` took its path (``took`` of what it
+    returned), in call order."""
+    calls: list[bool] = []
+    real = getattr(_Walk, method)
+
+    def spy(self: _Walk, *args: Any) -> Any:
+        out = real(self, *args)
+        calls.append(took(out))
+        return out
+
+    monkeypatch.setattr(_Walk, method, spy)
+    return calls
+
+
 def _state() -> dict[str, Any]:
     return {
         "w": torch.arange(12.0).reshape(3, 4),
@@ -142,15 +157,7 @@ def test_an_in_place_change_reaches_the_next_file(name: str, size: str) -> None:
 def test_unchanged_saves_take_the_warm_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a test of speed: that the path the differential cases above exercise is the
     warm one (every tensor of a repeated save), and not for a cold one."""
-    taken: list[bool] = []
-    real = _Walk._warm
-
-    def spy(self: _Walk, *args: Any) -> Any:
-        out = real(self, *args)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_Walk, "_warm", spy)
+    taken = _calls(monkeypatch, "_warm", lambda out: out is not None)
     stager = Stager()
     try:
         state = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
@@ -172,15 +179,7 @@ def test_unchanged_saves_take_the_warm_path(monkeypatch: pytest.MonkeyPatch) -> 
 def test_big_dicts_take_the_bulk_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a test of speed: that a warm big dict is staged in whole runs, and that a run
     with a changed tensor falls back to the item-by-item path, byte for byte right."""
-    runs: list[bool] = []
-    real = _Walk._bulk_warm
-
-    def spy(self: _Walk, *args: Any) -> bool:
-        out = real(self, *args)
-        runs.append(out)
-        return out
-
-    monkeypatch.setattr(_Walk, "_bulk_warm", spy)
+    runs = _calls(monkeypatch, "_bulk_warm", bool)
     stager = Stager()
     try:
         model = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(3 * BULK_ITEMS)}
@@ -230,15 +229,7 @@ def test_a_cold_big_dict_is_staged_as_torch_save_writes_it(
     """The arena's first save of a big dict (runs of :meth:`_Walk._bulk_cold`), then warm
     saves of it (:meth:`_Walk._bulk_warm`, from the warm records the cold runs left),
     each byte for byte the file torch.save writes."""
-    runs: list[bool] = []
-    real = _Walk._bulk_cold
-
-    def spy(self: _Walk, *args: Any) -> bool:
-        out = real(self, *args)
-        runs.append(out)
-        return out
-
-    monkeypatch.setattr(_Walk, "_bulk_cold", spy)
+    runs = _calls(monkeypatch, "_bulk_cold", bool)
     n = 3 * BULK_ITEMS
     model = {f"m.{i}": _varied(i) for i in range(n) if not (dense_only and i % 7 == 5)}
     state = {"model": model, "iteration": 3}
