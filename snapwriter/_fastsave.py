@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import io
 import os
 import pickle
@@ -67,13 +68,21 @@ from ._pickle_emit import YIELD_SECONDS as _YIELD_SECONDS
 from ._pickle_emit import emit
 from ._pool import staged_device
 from ._tensorstate import metadata_of
-from ._ziparchive import SERIALIZATION_ID, ArchivePlan, fits, head_records, read_record
+from ._ziparchive import (
+    SERIALIZATION_ID,
+    ArchivePlan,
+    ArchiveSkeleton,
+    fits,
+    head_records,
+    read_record,
+)
 from ._ziparchive import write_archive as write_pure
 
 if TYPE_CHECKING:
     from ._layout import Layout
 
 __all__ = (
+    "ArchiveRecords",
     "Pickled",
     "SaveOptions",
     "archive_plan",
@@ -223,6 +232,17 @@ class Pickled:
     data: bytes
     storages: list[tuple[str, torch.UntypedStorage]]
 
+    @functools.cached_property
+    def archive(self) -> ArchiveRecords:
+        """Its records as torch.save writes them, prepared once: a warm save that reuses
+        this object (:mod:`snapwriter._layout`) writes them without any work per record."""
+        return ArchiveRecords(archive_records(self.data, self.storages))
+
+    @functools.cached_property
+    def storage_nbytes(self) -> int:
+        """The bytes of its storage records."""
+        return sum(storage.nbytes() for _, storage in self.storages)
+
 
 def pickle_state(obj: Any) -> Pickled | None:
     """Pickle ``obj`` as torch.save does, or ``None`` when only torch.save can.
@@ -256,7 +276,7 @@ def write_archive(f: IO[bytes], pickled: Pickled) -> None:
     Records in torch.save's order (see :func:`write_records`); storage bytes are
     written and checksummed without holding the GIL.
     """
-    write_records(f, archive_records(pickled.data, pickled.storages))
+    _write_prepared(f, pickled.archive)
 
 
 # -- torch.save's options -------------------------------------------------------------------
@@ -362,8 +382,8 @@ def pure_archives() -> bool:
     return _pure
 
 
-#: From this many records on, of at most this many bytes each on average,
-#: :func:`write_records` has torch's writer open the file itself (see
+#: From this many records on, of at most this many bytes each on average, where
+#: :func:`write_records` needs torch's writer, it has torch's writer open the file itself (see
 #: :func:`_named_archive`) rather than call ``f.write`` from C++. Measured here (two
 #: cores, a matmul loop beside the save): 50,000 records of 1 KiB are written in 0.25 s
 #: instead of 0.40 s with half the loop's slowdown; 190 records of 2.7 MiB slow the loop
@@ -372,14 +392,77 @@ BY_NAME_MIN_RECORDS = 64
 BY_NAME_MAX_MEAN_BYTES = 1 << 20
 
 
+class ArchiveRecords:
+    """Records to write as torch.save's archive, with what writing them needs, worked out
+    once (names, sizes, where the storages are, the plan and skeleton of
+    :mod:`snapwriter._ziparchive`, memory views over the storages): each write of the
+    same object only checksums and writes.
+
+    Args:
+        records: ``(name, bytes or storage)`` in file order. The storages must keep
+            their size and memory while this object lives (staged storages do).
+
+    Threading: safe to write from several threads at once.
+    """
+
+    def __init__(self, records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
+        self.records = records
+        self.names = [name for name, _ in records]
+        self.sizes = [
+            value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
+            for _, value in records
+        ]
+        self.host = not any(
+            isinstance(value, torch.UntypedStorage) and value.device.type != "cpu"
+            for _, value in records
+        )
+        self._plans: dict[int, ArchivePlan | None] = {}
+        self._skeletons: dict[ArchivePlan, ArchiveSkeleton] = {}
+        self._views: list[Any] | None = None
+
+    def pure_plan(self) -> ArchivePlan | None:
+        """How :mod:`snapwriter._ziparchive` writes these records under this thread's
+        torch.save options, or None where torch's writer must (CRC-32s switched off,
+        this torch's archives not reproduced, zip64, a storage not in host memory)."""
+        if not self.host or not torch.serialization.get_crc32_options() or not pure_archives():
+            return None
+        alignment = torch.serialization._get_storage_alignment()
+        if alignment not in self._plans:
+            plan = archive_plan(self.names)
+            fit = fits(zip(self.names, self.sizes, strict=True), plan)
+            self._plans[alignment] = plan if fit else None
+        return self._plans[alignment]
+
+    def skeleton(self, plan: ArchivePlan) -> ArchiveSkeleton:
+        """The records' :class:`~snapwriter._ziparchive.ArchiveSkeleton` under ``plan``."""
+        skeleton = self._skeletons.get(plan)
+        if skeleton is None:
+            skeleton = self._skeletons[plan] = ArchiveSkeleton(self.names, self.sizes, plan)
+        return skeleton
+
+    def views(self) -> list[Any]:
+        """The records' bytes without a copy (storages as memory views)."""
+        if self._views is None:
+            self._views = [_view(value) for _, value in self.records]
+        return self._views
+
+
 def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedStorage]]) -> None:
     """Write ``records`` (name, bytes or storage), in order, as the zip archive torch's
     writer makes into the binary file ``f``, with torch.save's alignment and checksums.
 
+    See :func:`_write_prepared` for which zip writer writes them.
+    """
+    _write_prepared(f, ArchiveRecords(records))
+
+
+def _write_prepared(f: IO[bytes], archive: ArchiveRecords) -> None:
+    """:func:`write_records` of prepared records.
+
     Which writer: :mod:`snapwriter._ziparchive` (the same bytes, checksummed by
-    :mod:`snapwriter._crc`, several times faster with ISA-L) wherever it reproduces
-    this torch's archives (see :func:`_pure_plan`), except for many small records;
-    torch's own writer otherwise.
+    :mod:`snapwriter._crc`, several times faster with ISA-L, and with no Python work
+    per record once the records are prepared) wherever it reproduces this torch's
+    archives (see :meth:`ArchiveRecords.pure_plan`); torch's own writer otherwise.
 
     Given a file object, torch's writer calls back into Python for every piece it
     writes (about seven per record), taking the GIL each time: with tens of thousands
@@ -391,12 +474,13 @@ def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedSt
     without the OS error: the archive is then written again through ``f``, which
     either succeeds (a complete file) or raises the ``OSError`` itself.
     """
-    sizes = [
-        value.nbytes() if isinstance(value, torch.UntypedStorage) else len(value)
-        for _, value in records
-    ]
-    by_name = len(records) >= BY_NAME_MIN_RECORDS
-    if by_name and sum(sizes) <= BY_NAME_MAX_MEAN_BYTES * len(records):
+    plan = archive.pure_plan()
+    if plan is not None:
+        archive.skeleton(plan).write(f, archive.views())
+        f.flush()
+        return
+    records, sizes = archive.records, archive.sizes
+    if len(records) >= BY_NAME_MIN_RECORDS and sum(sizes) <= BY_NAME_MAX_MEAN_BYTES * len(records):
         with _named_archive(f) as name:
             if name is not None:
                 try:
@@ -407,29 +491,8 @@ def write_records(f: IO[bytes], records: list[tuple[str, bytes | torch.UntypedSt
                 else:
                     f.seek(0, os.SEEK_END)
                     return
-    plan = _pure_plan(records, sizes)
-    if plan is not None:
-        write_pure(f, [(name, _view(value)) for name, value in records], plan)
-    else:
-        _write_with(_file_writer(f), records, sizes)
+    _write_with(_file_writer(f), records, sizes)
     f.flush()
-
-
-def _pure_plan(
-    records: list[tuple[str, bytes | torch.UntypedStorage]], sizes: list[int]
-) -> ArchivePlan | None:
-    """How :mod:`snapwriter._ziparchive` writes ``records`` itself, or None where torch's
-    writer must (CRC-32s switched off, this torch's archives not reproduced, zip64, a
-    storage not in host memory). Its checksums come from :mod:`snapwriter._crc` (ISA-L's
-    where installed: a fifth of the time torch's take)."""
-    if not torch.serialization.get_crc32_options() or not pure_archives():
-        return None
-    for _, value in records:
-        if isinstance(value, torch.UntypedStorage) and value.device.type != "cpu":
-            return None
-    names = [name for name, _ in records]
-    plan = archive_plan(names)
-    return plan if fits(zip(names, sizes, strict=True), plan) else None
 
 
 def _view(value: bytes | torch.UntypedStorage) -> Any:
@@ -541,4 +604,4 @@ def save_and_measure(
         torch.save(obj, f)
         return None
     write_archive(f, pickled)
-    return len(pickled.storages), sum(storage.nbytes() for _, storage in pickled.storages)
+    return len(pickled.storages), pickled.storage_nbytes

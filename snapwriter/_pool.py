@@ -140,6 +140,10 @@ class Arena:
         #: by the previous staging call: a warm save takes back the same one, with the
         #: tensors over it that the walk built last time.
         self.by_source: dict[int, StagedStorage] = {}
+        #: the runs of dict items the previous staging call staged whole, by the address
+        #: of their first source storage (snapwriter._staging._Run): a warm save of the
+        #: same items checks and reuses each run at once.
+        self.runs: dict[int, Any] = {}
         self.allocations = 0
         self.generation = 0
         #: the previous save's layout (a snapwriter._layout.LayoutMemory, set by the Stager)
@@ -206,12 +210,18 @@ class Arena:
         self._used.update(zip(keys, map(spare.pop, keys), strict=True))
         return True
 
-    def finish(self, by_source: dict[int, StagedStorage] | None = None) -> None:
+    def finish(
+        self,
+        by_source: dict[int, StagedStorage] | None = None,
+        runs: dict[int, Any] | None = None,
+    ) -> None:
         """End a staging call: storages it did not take are freed, the rest kept for
         reuse; ``by_source`` (source storage address -> staged storage) is remembered
-        for :meth:`take_back`."""
+        for :meth:`take_back`, and ``runs`` (:attr:`runs`: of this call, over storages of
+        ``by_source``) for the next call."""
         self._spare, self._used, self._sized = self._used, {}, None
         self.by_source = by_source if by_source is not None else {}
+        self.runs = runs if runs is not None and by_source is not None else {}
 
     def clear(self) -> None:
         """Drop every storage (the arena allocates afresh next time)."""
@@ -219,6 +229,7 @@ class Arena:
         self._used.clear()
         self._sized = None
         self.by_source = {}
+        self.runs = {}
 
 
 # -- device tags of staged storages -------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any
 
 from ._exceptions import ChildProcessFailure
 from ._storage import Storage
-from ._ziparchive import head_records, write_archive
+from ._ziparchive import ArchivePlan, ArchiveSkeleton, head_records
 
 __all__ = ("Mappings", "send_outcome", "serve", "watch_parent", "zygote_main")
 
@@ -108,6 +108,11 @@ def _complete_on_demand() -> None:
 _complete_on_demand()
 
 
+def _skeleton(archive: list[tuple[str, Any]], plan: ArchivePlan) -> ArchiveSkeleton:
+    """The skeleton of ``archive`` (name, bytes or mapped memory view) under ``plan``."""
+    return ArchiveSkeleton([name for name, _ in archive], [len(data) for _, data in archive], plan)
+
+
 class _ChildState:
     """What a saving process keeps between saves: mappings, the last save's data.pkl
     and records (a save may say "same as last time"), the torch side once needed."""
@@ -115,7 +120,10 @@ class _ChildState:
     def __init__(self) -> None:
         self.maps = Mappings()
         self.last: dict[str, tuple[bytes, list[Any]]] = {}
-        self._views: tuple[list[Any], list[tuple[str, Any]]] | None = None
+        # the last fast save's records (as sent), plan, data.pkl size, archive, skeleton
+        self._known: (
+            tuple[list[Any], ArchivePlan, int, list[tuple[str, Any]], ArchiveSkeleton] | None
+        ) = None
         self._torch: Any = None
 
     def save(self, message: dict[str, Any]) -> tuple[int, float, float]:
@@ -131,14 +139,19 @@ class _ChildState:
         if plan is None or kind == "graph":
             return self._save_with_torch(kind, data, records, message["rest"])
         if kind == "fast":
-            known = self._views
-            if known is not None and known[0] is records:
-                archive = known[1]
+            known = self._known
+            if (
+                known is not None
+                and known[0] is records  # "same records as last time"
+                and known[1:3] == (plan, len(data))
+            ):
+                archive, skeleton = known[3], known[4]
             else:
                 view = self.maps.view
                 archive = head_records(data, plan.alignment)
                 archive += [(f"data/{key}", view(loc)) for key, loc in records]
-                self._views = (records, archive)
+                skeleton = _skeleton(archive, plan)
+                self._known = (records, plan, len(data), archive, skeleton)
             archive[0] = ("data.pkl", data)
         else:
             archive = [("data.pkl", data)]
@@ -146,17 +159,19 @@ class _ChildState:
                 (name, value if isinstance(value, bytes) else self.maps.view(value))
                 for name, value in records
             ]
+            skeleton = _skeleton(archive, plan)
+        buffers = [value for _, value in archive]
         rest = message["rest"]
 
-        def writer(target: list[tuple[str, Any]], f: Any) -> None:
-            write_archive(f, target, plan)
+        def writer(target: list[Any], f: Any) -> None:
+            skeleton.write(f, target)
 
         storage = Storage(rest["fs"], durable=rest["durable"])
         start = time.perf_counter()
         if rest["append"]:
-            nbytes = storage.write_append(rest["dest"], writer, archive, {})
+            nbytes = storage.write_append(rest["dest"], writer, buffers, {})
             return nbytes, time.perf_counter() - start, 0.0
-        tmp, nbytes = storage.write_temp(rest["dest"], writer, archive, {})
+        tmp, nbytes = storage.write_temp(rest["dest"], writer, buffers, {})
         written = time.perf_counter()
         storage.commit(tmp, rest["dest"])
         return nbytes, written - start, time.perf_counter() - written

@@ -233,7 +233,7 @@ class Stager:
                 arena.finish()
                 self.release_arena(arena)
                 raise
-        arena.finish(walk.storages)
+        arena.finish(walk.storages, walk.runs)
         with self._lock:
             self.allocations += arena.allocations - allocated_before
         return StagedTarget(
@@ -344,6 +344,9 @@ class _Walk:
         self.generation = arena.generation
         self.storages: dict[int, StagedStorage] = {}
         self.by_source = arena.by_source
+        #: runs of dict items staged whole: the previous walk's, and this walk's
+        self._last_runs: dict[int, _Run] = arena.runs
+        self.runs: dict[int, _Run] = {}
         #: host copies planned and not started yet
         self.copies: list[_Copy] = []
         self.device_tags: list[tuple[torch.UntypedStorage, str]] = []
@@ -453,8 +456,9 @@ class _Walk:
 
         A big dict (a module's state_dict) is taken :data:`BULK_ITEMS` items at a time:
         a run of string keys and plain tensors is checked and staged by whole-list
-        operations (:meth:`_bulk_warm` when the arena saved them last time,
-        :meth:`_bulk_cold` in the arena's first save), any other run item by item.
+        operations (:meth:`_bulk_repeat` when the previous save staged the same run,
+        :meth:`_bulk_warm` when it saved its tensors, :meth:`_bulk_cold` in the arena's
+        first save), any other run item by item.
         """
         if len(obj) < BULK_ITEMS:
             self._fill_items(out, obj.items())
@@ -463,7 +467,7 @@ class _Walk:
         keys, values = list(obj), list(obj.values())
         for i in range(0, len(keys), BULK_ITEMS):
             ks, vs = keys[i : i + BULK_ITEMS], values[i : i + BULK_ITEMS]
-            if not bulk(out, ks, vs):
+            if not self._bulk_repeat(out, ks, vs) and not bulk(out, ks, vs):
                 self._fill_items(out, zip(ks, vs, strict=True))
 
     def _bulk_run(
@@ -491,6 +495,68 @@ class _Walk:
             return None
         nbytes = list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)))
         return ids, addrs, nbytes
+
+    def _bulk_repeat(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+        """:meth:`_bulk_warm` of a run the previous walk staged whole (the same keys,
+        over the same source storages, in the same order), all or nothing.
+
+        The same checks as :meth:`_bulk_warm`, each one property of the whole run
+        compared at once with what the previous walk recorded (:class:`_Run`); then the
+        run's staged tensors, copy destinations and layout tokens are reused as they
+        are. False, with nothing staged, when any check fails.
+        """
+        if (
+            self.tokens is None
+            or set(map(type, keys)) != _STR
+            or not set(map(type, values)) <= _WARM_CLASSES
+        ):
+            return False
+        addrs = list(map(storage_address, values))
+        run = self._last_runs.get(addrs[0])
+        if run is None or run.addrs != addrs or run.keys != keys:
+            return False
+        # distinct storages (the run's were, when recorded): distinct tensors
+        ids = list(map(id, values))
+        if (
+            not self.memo.keys().isdisjoint(ids)
+            or not self.storages.keys().isdisjoint(addrs)
+            or not all(map(_PLAIN_CPU_KEYS.__eq__, map(_dispatch_keys, values)))
+            or any(map(_DICT_OF, values))
+        ):
+            return False
+        classes, dtypes, offsets, sizes, strides, grads, nbytes = run.checks
+        if (
+            tuple(map(type, values)) != classes
+            or tuple(map(_DTYPE_OF, values)) != dtypes
+            or tuple(map(torch.Tensor.storage_offset, values)) != offsets
+            or tuple(map(torch.Tensor.size, values)) != sizes
+            or tuple(map(torch.Tensor.stride, values)) != strides
+            or tuple(map(_REQUIRES_GRAD_OF, values)) != grads
+            or tuple(map(_STORAGE_NBYTES, map(torch.Tensor.untyped_storage, values))) != nbytes
+            # the previous walk's staged storages for these (by_source: the run's slots),
+            # free for this one
+            or not self.arena.reclaim_all(run.slots)
+        ):
+            return False
+        generation = self.generation
+        for slot in run.slots:
+            slot.view_generation = generation  # its view is taken for this walk
+        self.storages.update(run.by_address)
+        copies = self.copies
+        copies.extend(zip(run.dsts, values, strict=True))
+        if len(copies) >= CHUNK_COPIES:
+            self._start_copies()
+        tokens = self.tokens
+        self._first.update(zip(ids, map(len(tokens).__add__, run.firsts), strict=True))
+        index = self._storage_index
+        index.update(zip(addrs, range(len(index), len(index) + len(addrs)), strict=True))
+        tokens += run.tokens
+        self.strings.extend(keys)
+        self.memo.update(zip(ids, run.outs, strict=True))
+        self.keep.extend(values)
+        out.update(zip(keys, run.outs, strict=True))
+        self.runs[addrs[0]] = run
+        return True
 
     def _bulk_warm(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
         """:meth:`_warm` of a run of dict items at once, all or nothing.
@@ -594,7 +660,8 @@ class _Walk:
         """Record a run :meth:`_bulk_warm` or :meth:`_bulk_cold` staged, as
         :meth:`_warm` records one tensor: its storages, copies (into ``dsts``), layout
         tokens (each item's key, then its tensor's, from its warm record in ``warms``)
-        and memo entries; put its staged tensors ``outs`` into ``out``."""
+        and memo entries; put its staged tensors ``outs`` into ``out``; keep the run
+        (:class:`_Run`) for the next walk's :meth:`_bulk_repeat`."""
         self.storages.update(zip(addrs, slots, strict=True))
         copies = self.copies
         copies.extend(zip(dsts, values, strict=True))
@@ -602,13 +669,20 @@ class _Walk:
             self._start_copies()
         tokens = self.tokens
         if tokens is not None:
-            first = itertools.accumulate(map(_STEP_OF, warms), initial=len(tokens) + 1)
-            self._first.update(zip(ids, first, strict=False))  # first: one more
+            # each tensor's first token, from the run's start: one more (its key's) each
+            firsts = list(itertools.accumulate(map(_STEP_OF, warms), initial=1))
+            firsts.pop()
+            start = len(tokens)
+            self._first.update(zip(ids, map(start.__add__, firsts), strict=True))
             index = self._storage_index
             index.update(zip(addrs, range(len(index), len(index) + len(addrs)), strict=True))
             toks = map(_TOKEN_OF, warms)
             tokens.extend(_flatten(_flatten(zip(zip(keys), toks, strict=True))))
             self.strings.extend(keys)
+            checks = tuple(zip(*map(_CHECK_OF, warms), strict=True))
+            self.runs[addrs[0]] = _Run(
+                keys, addrs, slots, checks, outs, dsts, tokens[start:], firsts
+            )
         self.memo.update(zip(ids, outs, strict=True))
         self.keep.extend(values)
         out.update(zip(keys, outs, strict=True))
@@ -1072,6 +1146,56 @@ def _warm_record(
     return ((cls, *geometry, requires_grad, nbytes), staged, dst, token, len(token) + 1)
 
 
+class _Run:
+    """A run of dict items staged whole (:meth:`_Walk._commit_run`), as the next walk's
+    :meth:`_Walk._bulk_repeat` checks and reuses it.
+
+    Attributes:
+        keys: the items' keys.
+        addrs: their tensors' source storages (addresses, distinct).
+        slots: the staged storage of each.
+        by_address: ``addrs`` -> ``slots``.
+        checks: what the warm records check, one tuple per property over the run:
+            classes, dtypes, offsets, sizes, strides, ``requires_grad`` and storage sizes.
+        outs: the staged tensors; dsts: their copies' destinations.
+        tokens: the run's layout tokens (each key, then its tensor's).
+        firsts: each tensor's first token, counted from the run's first.
+    """
+
+    __slots__ = (
+        "addrs",
+        "by_address",
+        "checks",
+        "dsts",
+        "firsts",
+        "keys",
+        "outs",
+        "slots",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        keys: list[str],
+        addrs: list[int],
+        slots: list[StagedStorage],
+        checks: tuple[tuple[Any, ...], ...],
+        outs: list[torch.Tensor],
+        dsts: list[torch.Tensor],
+        tokens: list[Any],
+        firsts: list[int],
+    ) -> None:
+        self.keys = keys
+        self.addrs = addrs
+        self.slots = slots
+        self.by_address = dict(zip(addrs, slots, strict=True))
+        self.checks = checks
+        self.outs = outs
+        self.dsts = dsts
+        self.tokens = tokens
+        self.firsts = firsts
+
+
 #: Dicts from this many items on are staged in runs of this many (see _Walk._fill).
 BULK_ITEMS = 256
 _STR = frozenset({str})
@@ -1088,6 +1212,7 @@ _DTYPE_OF = operator.attrgetter("dtype")
 _REQUIRES_GRAD_OF = operator.attrgetter("requires_grad")
 _DICT_OF = operator.attrgetter("__dict__")
 _NBYTES_OF = operator.attrgetter("nbytes")
+_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def _plain_subclass(cls: type) -> bool:

@@ -79,6 +79,16 @@ def _same_storage_as_parameter(s: dict[str, Any]) -> None:
     s["b"] = torch.nn.Parameter(s["b"], requires_grad=False)  # same storage and geometry
 
 
+def _rename_in_place(s: dict[str, Any]) -> None:
+    items = [("w2" if k == "w" else k, v) for k, v in s.items()]
+    s.clear()
+    s.update(items)
+
+
+def _swap_two(s: dict[str, Any]) -> None:
+    s["w"], s["b"] = s["b"], s["w"]
+
+
 def _conjugate(s: dict[str, Any]) -> None:
     s["c"] = torch.ones(2, dtype=torch.complex64)
     s["c"] = s["c"].conj()
@@ -106,6 +116,9 @@ CHANGES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "a view of it added": lambda s: s.__setitem__("view", s["w"][1:]),
     "a conjugate tensor added": _conjugate,
     "parameter becomes a plain tensor": lambda s: s.__setitem__("p", s["p"].detach()),
+    "a key renamed in place": _rename_in_place,
+    "two values swapped": _swap_two,
+    "a new tensor over the same storage": lambda s: s.__setitem__("w", s["w"].view_as(s["w"])),
 }
 
 
@@ -113,8 +126,9 @@ _PADS_BEFORE, _PADS_AFTER = 100, 2 * BULK_ITEMS
 
 
 def _big_state() -> dict[str, Any]:
-    """:func:`_state` among enough tensors that the changed ones are staged in a run of
-    :meth:`_Walk._bulk_warm` (the first :data:`BULK_ITEMS` items)."""
+    """:func:`_state` among enough tensors that the changed ones are staged in a run (the
+    first :data:`BULK_ITEMS` items: :meth:`_Walk._bulk_repeat`, else
+    :meth:`_Walk._bulk_warm`)."""
     small = _state()
     state: dict[str, Any] = {f"a{i}": torch.full((4,), float(i)) for i in range(_PADS_BEFORE)}
     state.update((k, v) for k, v in small.items() if k != "step")
@@ -177,29 +191,39 @@ def test_unchanged_saves_take_the_warm_path(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_big_dicts_take_the_bulk_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not a test of speed: that a warm big dict is staged in whole runs, and that a run
-    with a changed tensor falls back to the item-by-item path, byte for byte right."""
-    runs = _calls(monkeypatch, "_bulk_warm", bool)
+    """Not a test of speed: that a warm big dict is staged in whole runs (repeated as the
+    previous walk staged them, else checked tensor by tensor against their warm
+    records), and that a run with a changed tensor falls back to the item-by-item path,
+    byte for byte right."""
+    repeats = _calls(monkeypatch, "_bulk_repeat", bool)
+    warms = _calls(monkeypatch, "_bulk_warm", bool)
     stager = Stager()
     try:
         model = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(3 * BULK_ITEMS)}
         state = {"model": model, "iteration": 0}
         _staged_bytes(stager, state)
-        assert runs == []  # cold: nothing to repeat
+        assert repeats == [False] * 3 and warms == []  # cold: nothing to repeat
+        repeats.clear()
         for t in model.values():
             t.add_(1)
         state["iteration"] = 1
         assert _staged_bytes(stager, state) == _torch_save(state)
-        assert runs == [True] * 3
-        runs.clear()
+        assert repeats == [True] * 3 and warms == []
+        repeats.clear()
         model[f"layer{BULK_ITEMS + 5}.weight"].resize_(4)  # the second run
         model["layer3.weight"] = model["layer2.weight"]  # tied, in the first
         assert _staged_bytes(stager, state) == _torch_save(state)
-        assert runs == [False, False, True]
-        runs.clear()
+        assert repeats == [False, False, True] and warms == [False, False]
+        repeats.clear()
+        warms.clear()
         assert _staged_bytes(stager, state) == _torch_save(state)
-        # the first run still holds the tied pair; the resized one is warm again
-        assert runs == [False, True, True]
+        # the first run still holds the tied pair; the resized one, staged item by item
+        # last time, is warm again, then repeated
+        assert repeats == [False, False, True] and warms == [False, True]
+        repeats.clear()
+        warms.clear()
+        assert _staged_bytes(stager, state) == _torch_save(state)
+        assert repeats == [False, True, True] and warms == [False]
     finally:
         stager.close()
 

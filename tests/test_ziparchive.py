@@ -24,7 +24,8 @@ from snapwriter._fastsave import (
     pickle_state,
     pure_archives,
 )
-from snapwriter._ziparchive import ArchivePlan, fits, read_record, write_archive
+from snapwriter._fastsave import write_archive as fast_write_archive
+from snapwriter._ziparchive import ArchivePlan, ArchiveSkeleton, fits, read_record, write_archive
 
 
 def _ours(obj: Any) -> bytes:
@@ -119,6 +120,61 @@ def test_any_records_as_torchs_zip_writer_writes_them(records: list[tuple[str, b
     ours = io.BytesIO()
     write_archive(ours, records, archive_plan(names))
     assert ours.getvalue() == expected.getvalue()
+
+
+def _torch_writes(records: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    _write_with(_file_writer(out), list(records), [len(data) for _, data in records])
+    return out.getvalue()
+
+
+def test_one_skeleton_writes_every_content_of_its_records() -> None:
+    # the same names and sizes, new bytes each time (a warm save): the CRCs in the
+    # descriptors, the central directory and the serialization id must all follow
+    sizes = [0, 3, 70_000, 64, 0, 1 << 20, 5]  # empty, small, direct, gathered
+    names = [f"data/{i}" for i in range(len(sizes))]
+    skeleton = ArchiveSkeleton(names, sizes, archive_plan(names))
+    for seed in range(3):
+        rng = random.Random(seed)
+        records = [(n, rng.randbytes(size)) for n, size in zip(names, sizes, strict=True)]
+        ours = io.BytesIO()
+        buffers = [memoryview(data) for _, data in records]
+        assert skeleton.write(ours, buffers) == skeleton.nbytes == len(ours.getvalue())
+        assert ours.getvalue() == _torch_writes(records)
+
+
+def test_a_skeleton_refuses_buffers_of_other_records() -> None:
+    names = ["data/0", "data/1"]
+    skeleton = ArchiveSkeleton(names, [4, 8], archive_plan(names))
+    out = io.BytesIO()
+    with pytest.raises(ValueError, match="1 buffers for an archive of 2 records"):
+        skeleton.write(out, [b"abcd"])
+    with pytest.raises(ValueError, match="sizes"):
+        skeleton.write(out, [b"abcd", b"1234567"])
+    assert out.getvalue() == b""  # refused before a byte is written
+
+
+def test_a_warm_save_writes_from_its_prepared_records(tmp_path: Path) -> None:
+    # fast_torch_save of one Pickled, twice with new values: the prepared records (the
+    # skeleton and views) are reused and the file is torch.save's each time
+    state = {"w": torch.randn(300, 7), "b": torch.zeros(9), "n": 3}
+    pickled = pickle_state(state)
+    assert pickled is not None
+    skeletons = set()
+    for step in range(2):
+        for _, storage in pickled.storages:
+            torch.empty(0, dtype=torch.uint8).set_(storage).random_(0, 255)
+        out = tmp_path / f"s{step}.pt"
+        with open(out, "wb") as f:
+            fast_write_archive(f, pickled)
+        rebuilt = torch.load(out, weights_only=True)
+        expected = io.BytesIO()
+        torch.save(rebuilt, expected)
+        assert out.read_bytes() == expected.getvalue()
+        plan = pickled.archive.pure_plan()
+        assert plan is not None
+        skeletons.add(id(pickled.archive.skeleton(plan)))
+    assert len(skeletons) == 1
 
 
 def test_archives_that_need_zip64_headers_are_left_to_torch() -> None:
