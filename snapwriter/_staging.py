@@ -358,6 +358,11 @@ class _Walk:
         #: every string met, in order (values are in the tokens; identities from these)
         self.strings: list[str] = list(_SERIALIZER_STRINGS)
         self._storage_index: dict[int, int] = {}  # staged storages, in staging order
+        self._indexed = 0  # storages indexed so far (deferred ones included)
+        #: runs' entries of _first and _storage_index, made only if ever looked up (a
+        #: tensor or storage met again): (ids, first token, each tensor's first token
+        #: from there, source storages, their first index)
+        self._deferred: list[tuple[list[int], int, list[int], list[int], int]] = []
 
     def forget(self) -> None:
         """Drop what only the walk itself needed (memo, tokens, indexes)."""
@@ -367,6 +372,7 @@ class _Walk:
         self._first = {}
         self.strings = []
         self._storage_index = {}
+        self._deferred = []
 
     def stage(self, obj: Any) -> Any:
         """The staged copy of ``obj`` (memoised)."""
@@ -379,7 +385,7 @@ class _Walk:
         done = self.memo.get(key, _MISSING)
         if done is not _MISSING:
             if self.tokens is not None:
-                first = self._first.get(key)
+                first = self._first_of(key)
                 if first is None:
                     self.tokens = None
                 else:
@@ -398,6 +404,29 @@ class _Walk:
         return self._object(obj)
 
     # -- layout tokens (snapwriter._layout) -------------------------------------------
+
+    def _first_of(self, key: int) -> int | None:
+        """The first token of the container, tuple or tensor of id ``key``, if any."""
+        first = self._first.get(key)
+        if first is None and self._deferred:
+            self._undefer()
+            first = self._first.get(key)
+        return first
+
+    def _index_of(self, cdata: int) -> int | None:
+        """The staging index of the source storage ``cdata``, if staged."""
+        index = self._storage_index.get(cdata)
+        if index is None and self._deferred:
+            self._undefer()
+            index = self._storage_index.get(cdata)
+        return index
+
+    def _undefer(self) -> None:
+        """Make the runs' deferred entries of ``_first`` and ``_storage_index``."""
+        for ids, start, firsts, addrs, at in self._deferred:
+            self._first.update(zip(ids, map(start.__add__, firsts), strict=True))
+            self._storage_index.update(zip(addrs, range(at, at + len(addrs)), strict=True))
+        self._deferred = []
 
     def _atom(self, value: Any) -> None:
         """Append the token of an immutable value (switch tokens off for other kinds)."""
@@ -547,9 +576,8 @@ class _Walk:
         if len(copies) >= CHUNK_COPIES:
             self._start_copies()
         tokens = self.tokens
-        self._first.update(zip(ids, map(len(tokens).__add__, run.firsts), strict=True))
-        index = self._storage_index
-        index.update(zip(addrs, range(len(index), len(index) + len(addrs)), strict=True))
+        self._deferred.append((ids, len(tokens), run.firsts, addrs, self._indexed))
+        self._indexed += len(addrs)
         tokens += run.tokens
         self.strings.extend(keys)
         self.memo.update(zip(ids, run.outs, strict=True))
@@ -673,9 +701,8 @@ class _Walk:
             firsts = list(itertools.accumulate(map(_STEP_OF, warms), initial=1))
             firsts.pop()
             start = len(tokens)
-            self._first.update(zip(ids, map(start.__add__, firsts), strict=True))
-            index = self._storage_index
-            index.update(zip(addrs, range(len(index), len(index) + len(addrs)), strict=True))
+            self._deferred.append((ids, start, firsts, addrs, self._indexed))
+            self._indexed += len(addrs)
             toks = map(_TOKEN_OF, warms)
             tokens.extend(_flatten(_flatten(zip(zip(keys), toks, strict=True))))
             self.strings.extend(keys)
@@ -723,7 +750,7 @@ class _Walk:
         """A tuple: kept when nothing in it changed, as deepcopy does (same identities)."""
         tokens = self.tokens
         if tokens is not None:
-            first = self._first.get(id(obj))
+            first = self._first_of(id(obj))
             if first is not None:  # the same tuple again: pickle writes a memo reference
                 tokens += (_REF, first)
                 self.tokens = None  # its items were tokenised the first time
@@ -982,8 +1009,8 @@ class _Walk:
         tokens = self.tokens
         if tokens is not None:
             self._first[id(t)] = len(tokens)
-            index = self._storage_index
-            index[cdata] = len(index)
+            self._storage_index[cdata] = self._indexed
+            self._indexed += 1
             tokens += token
         self.memo[id(t)] = out
         self.keep.append(t)
@@ -1011,12 +1038,13 @@ class _Walk:
         dtype, offset, size, stride = geometry
         tokens += (_TENSOR, cls, dtype, offset, len(size), *size, *stride, requires_grad)
         if new_storage:
-            self._storage_index[cdata] = len(self._storage_index)
+            self._storage_index[cdata] = self._indexed
+            self._indexed += 1
             # the storage's record: its size and the device pickled as its location
             device = t.device.index if slot.pinned else None
             tokens += (_STORAGE_NEW, slot.nbytes, device)
         else:
-            index = self._storage_index.get(cdata)
+            index = self._index_of(cdata)
             if index is None:
                 self.tokens = None
                 return

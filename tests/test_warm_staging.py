@@ -268,3 +268,35 @@ def test_a_cold_big_dict_is_staged_as_torch_save_writes_it(
         assert runs == ([True] * 3 if dense_only else [False] * 3)
     finally:
         stager.close()
+
+
+@pytest.mark.parametrize("again", ["the same tensor", "a view of its storage"])
+def test_tensors_of_a_run_met_again_later_keep_the_layout(
+    monkeypatch: pytest.MonkeyPatch, again: str
+) -> None:
+    """A tensor of a bulk run met again after the run (tied elsewhere in the state), or
+    a view of a run's storage, is pickled as a reference to its first occurrence: the
+    files are torch.save's and the repeated layout is reused."""
+    repeats = _calls(monkeypatch, "_bulk_repeat", bool)
+    stager = Stager()
+    try:
+        model = {f"layer{i}.weight": torch.full((2, 3), float(i)) for i in range(2 * BULK_ITEMS)}
+        state: dict[str, Any] = {"model": model, "step": 0}
+        if again == "the same tensor":
+            state["tied"] = model["layer5.weight"]
+        else:
+            state["view"] = model[f"layer{BULK_ITEMS + 7}.weight"][1:]
+        for step in range(3):
+            for t in model.values():
+                t.add_(1)
+            staged = stager.stage(state)
+            try:
+                out = io.BytesIO()
+                fast_torch_save(staged.value, out, layout=staged.layout)
+                assert out.getvalue() == _torch_save(state), step
+                assert staged.layout.reused == (step > 0), step
+            finally:
+                stager.release(staged)
+        assert repeats == [False, False, True, True, True, True]
+    finally:
+        stager.close()

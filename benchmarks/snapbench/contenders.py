@@ -1,13 +1,19 @@
 """The contenders: every writer benchmarked, behind one adapter interface.
 
-Physical baselines (``memcpy``, ``os.write+fsync``), synchronous ``torch.save`` (with and
-without fsync), snapwriter's writers (``snap.*``), pytorch-pfn-extras' (``ppe.*``) and
+Physical baselines (``memcpy``, ``os.write+fsync``), floors (``copy(tensors)``: the
+cheapest per-tensor copy torch has; ``floor.bg-write``: a memcpy at the call, then another
+process writes the bytes durably), synchronous ``torch.save`` (with and without fsync),
+snapwriter's writers (``snap.*``), pytorch-pfn-extras' (``ppe.*``) and
 ``torch.distributed.checkpoint.async_save`` in a single process (``dcp.async_save``).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import select
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -232,6 +238,128 @@ class OsWriteBaseline(Adapter):
             os.close(fd)
 
 
+class ForeachCopyFloor(Adapter):
+    """Every tensor of the state copied into a preallocated twin by one
+    ``torch._foreach_copy_``: the least a staging call can stall on this many tensors
+    with torch's own API (no check, no bookkeeping, no file)."""
+
+    family = "baseline"
+    durability = "n/a (memory only)"
+    is_async = False
+    check_consistency = False
+
+    def setup(self, state: dict[str, Any]) -> None:
+        self.srcs = state_tensors(state)
+        self.dsts = [torch.empty_like(t) for t in self.srcs]
+        torch._foreach_copy_(self.dsts, self.srcs)  # fault the pages in
+
+    def call(self, filename: str, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self.dsts, self.srcs)
+
+
+# The other process of BackgroundWriteFloor: maps the shared buffer, then for each path
+# it is sent, writes the bytes (CRC-32 as it goes), fsyncs, renames and fsyncs the
+# directory, and answers one line.
+_FLOOR_CHILD = """
+import mmap, os, sys
+try:
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+view = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+for line in sys.stdin:
+    path = line.rstrip("\\n")
+    try:
+        out = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            crc, offset = 0, 0
+            while offset < size:
+                chunk = view[offset : offset + (64 << 20)]
+                crc = crc32(chunk, crc)
+                written = 0
+                while written < len(chunk):
+                    written += os.write(out, chunk[written:])
+                offset += len(chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(path + ".tmp", path)
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        print("ok", crc, flush=True)
+    except OSError as exc:
+        print("error", exc, flush=True)
+"""
+
+
+class BackgroundWriteFloor(Adapter):
+    """The least a durable asynchronous save can cost here: the state's bytes (one flat
+    buffer) copied into shared memory at the call, then a process that runs all along
+    checksums them, writes them, fsyncs, renames and fsyncs the directory, as snapwriter's
+    saving process does, with no pickling and no file format. Its *lost* is memcpy plus
+    what writing that many bytes in the background costs the loop on this machine
+    (cores, memory bandwidth, the kernel's writeback); not a loadable file."""
+
+    family = "baseline"
+    durability = "fsync+rename+dir fsync"
+    check_consistency = False
+    flat = True
+
+    def setup(self, state: dict[str, Any]) -> None:
+        self.src = state_tensors(state)[0]
+        nbytes = self.src.numel() * self.src.element_size()
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self._buffer_path = tempfile.mkstemp(prefix="snapbench-floor-", dir=shm)
+        try:
+            os.ftruncate(fd, nbytes)
+            self._map = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        self.dst = torch.frombuffer(self._map, dtype=self.src.dtype, count=self.src.numel())
+        self.dst.copy_(self.src)  # fault the pages in
+        self._child = subprocess.Popen(
+            [sys.executable, "-c", _FLOOR_CHILD, self._buffer_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._pending = False
+
+    def call(self, filename: str, state: dict[str, Any]) -> None:
+        self.dst.copy_(self.src)
+        assert self._child.stdin is not None
+        self._child.stdin.write(self.path(filename) + "\n")
+        self._child.stdin.flush()
+        self._pending = True
+
+    def done(self) -> bool:
+        if not self._pending:
+            return True
+        return bool(select.select([self._child.stdout], [], [], 0)[0])
+
+    def wait(self) -> dict[str, Any]:
+        if self._pending:
+            assert self._child.stdout is not None
+            answer = self._child.stdout.readline()
+            self._pending = False
+            if not answer.startswith("ok"):
+                raise RuntimeError(f"background writer: {answer.strip() or 'exited'}")
+        return {}
+
+    def close(self) -> None:
+        if self._child.stdin is not None:
+            self._child.stdin.close()
+        self._child.wait(timeout=60)
+        del self.dst
+        self._map.close()
+        os.unlink(self._buffer_path)
+
+
 def _snap(factory: Callable[[str], Any], *, is_async: bool = True) -> Callable[[str], Adapter]:
     return lambda out_dir: SnapAdapter(out_dir, factory, is_async=is_async)
 
@@ -242,7 +370,9 @@ def writers() -> dict[str, Callable[[str], Adapter]]:
 
     return {
         "memcpy": MemcpyBaseline,
+        "copy(tensors)": ForeachCopyFloor,
         "os.write+fsync": OsWriteBaseline,
+        "floor.bg-write": BackgroundWriteFloor,
         "torch.save": lambda d: SyncTorchSave(d, fsync=False),
         "torch.save+fsync": lambda d: SyncTorchSave(d, fsync=True),
         "snap.Standard": _snap(lambda d: sw.StandardWriter(out_dir=d)),
@@ -270,7 +400,9 @@ def writers() -> dict[str, Callable[[str], Adapter]]:
 #: ``--writers`` only).
 WRITER_NAMES = (
     "memcpy",
+    "copy(tensors)",
     "os.write+fsync",
+    "floor.bg-write",
     "torch.save",
     "torch.save+fsync",
     "snap.Standard",
@@ -327,6 +459,8 @@ SNAP_BEST = (*SNAP_ASYNC, "snap.Process(cow)")
 #: ``--compare``: the baselines the ratios need, then ours beside ppe's and DCP's.
 COMPARE_WRITERS = (
     "memcpy",
+    "copy(tensors)",
+    "floor.bg-write",
     "torch.save",
     "torch.save+fsync",
     "snap.Standard",
