@@ -129,6 +129,46 @@ def test_compare_on_tiny_has_ratio_table(bench: ModuleType, tmp_path: Path) -> N
     assert "dcp.async_save" in rows and "snap.Standard" in rows
 
 
+def test_the_floors_run_and_write_the_states_bytes(bench: ModuleType, tmp_path: Path) -> None:
+    """copy(tensors) copies every tensor; floor.bg-write's other process writes the flat
+    state's bytes durably into the named file (checked here byte for byte)."""
+    from snapbench.contenders import writers
+    from snapbench.workloads import WORKLOADS, build_state, state_tensors
+
+    out = tmp_path / "bench.json"
+    report = bench.main(
+        [
+            "--workloads=tiny",
+            "--writers=memcpy,copy(tensors),floor.bg-write",
+            "--reps=2",
+            "--idle-s=0.02",
+            "--isolation=none",
+            f"--tmp-dir={tmp_path / 'scratch'}",
+            f"--out={out}",
+        ]
+    )
+    for writer in ("copy(tensors)", "floor.bg-write"):
+        case = report["cases"][f"{writer}|tiny"]
+        assert "error" not in case, case.get("error")
+        assert case["summary"]["lost_s"]["median"] > 0
+    state = build_state(WORKLOADS["tiny"], flat=True)
+    floor = writers()["floor.bg-write"](str(tmp_path))
+    floor.setup(state)
+    try:
+        floor.call("floor.bin", state)
+        floor.wait()
+        assert floor.done()
+        flat = state_tensors(state)[0]
+        assert (tmp_path / "floor.bin").read_bytes() == flat.numpy().tobytes()
+        copy = writers()["copy(tensors)"](str(tmp_path))
+        copy.setup(state)
+        flat.add_(1)
+        copy.call("unused", state)
+        assert all(torch.equal(a, b) for a, b in zip(copy.dsts, copy.srcs, strict=True))
+    finally:
+        floor.close()
+
+
 def test_plans_include_ppe_process_everywhere(bench: ModuleType) -> None:
     for argv in ([], ["--quick"], ["--compare"], ["--compare", "--quick"]):
         workloads, writers, cases = bench.plan(bench.parse_args(argv))

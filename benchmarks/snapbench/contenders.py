@@ -355,6 +355,8 @@ class BackgroundWriteFloor(Adapter):
         if self._child.stdin is not None:
             self._child.stdin.close()
         self._child.wait(timeout=60)
+        if self._child.stdout is not None:
+            self._child.stdout.close()
         del self.dst
         self._map.close()
         os.unlink(self._buffer_path)
