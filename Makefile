@@ -37,7 +37,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick
 
 bench-compare: $(STAMP)
-	$(PY) benchmarks/bench.py --compare --workloads 0.5GiB-190,5k,50k-small --reps 3 --check-reps 1 --case-timeout 300
+	$(PY) benchmarks/bench.py --compare --workloads 0.5GiB-190,5k,50k-small --reps 5 --check-reps 1 --case-timeout 300
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
