@@ -407,19 +407,20 @@ class _Walk:
 
     def _first_of(self, key: int) -> int | None:
         """The first token of the container, tuple or tensor of id ``key``, if any."""
-        first = self._first.get(key)
-        if first is None and self._deferred:
-            self._undefer()
-            first = self._first.get(key)
-        return first
+        return self._looked_up(self._first, key)
 
     def _index_of(self, cdata: int) -> int | None:
         """The staging index of the source storage ``cdata``, if staged."""
-        index = self._storage_index.get(cdata)
-        if index is None and self._deferred:
+        return self._looked_up(self._storage_index, cdata)
+
+    def _looked_up(self, table: dict[int, int], key: int) -> int | None:
+        """``table[key]`` (``_first`` or ``_storage_index``), the deferred entries made
+        first if it is not there yet; None if it is not there at all."""
+        found = table.get(key)
+        if found is None and self._deferred:
             self._undefer()
-            index = self._storage_index.get(cdata)
-        return index
+            found = table.get(key)
+        return found
 
     def _undefer(self) -> None:
         """Make the runs' deferred entries of ``_first`` and ``_storage_index``."""
