@@ -497,13 +497,17 @@ class _Walk:
         keys, values = list(obj), list(obj.values())
         for i in range(0, len(keys), BULK_ITEMS):
             ks, vs = keys[i : i + BULK_ITEMS], values[i : i + BULK_ITEMS]
-            if not self._bulk_repeat(out, ks, vs) and not bulk(out, ks, vs):
+            checked = self._bulk_run(ks, vs)
+            if checked is None or not (
+                self._bulk_repeat(out, ks, vs, *checked) or bulk(out, ks, vs, *checked)
+            ):
                 self._fill_items(out, zip(ks, vs, strict=True))
 
     def _bulk_run(
         self, keys: list[Any], values: list[Any]
     ) -> tuple[list[int], list[int], list[int]] | None:
-        """What :meth:`_bulk_warm` and :meth:`_bulk_cold` check first, or None: every key
+        """What every bulk path (:meth:`_bulk_repeat`, :meth:`_bulk_warm`,
+        :meth:`_bulk_cold`) needs of a run, checked once, or None: every key
         a string, every value a distinct plain dense CPU tensor or Parameter (the exact
         dispatch keys of one) without Python state and over a storage of its own, none
         of them reached before in this walk. Returns the values' ids, storage addresses
@@ -526,43 +530,38 @@ class _Walk:
         nbytes = list(map(torch.UntypedStorage.nbytes, map(torch.Tensor.untyped_storage, values)))
         return ids, addrs, nbytes
 
-    def _bulk_repeat(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+    def _bulk_repeat(
+        self,
+        out: dict[Any, Any],
+        keys: list[Any],
+        values: list[Any],
+        ids: list[int],
+        addrs: list[int],
+        nbytes: list[int],
+    ) -> bool:
         """:meth:`_bulk_warm` of a run the previous walk staged whole (the same keys,
         over the same source storages, in the same order), all or nothing.
 
-        The same checks as :meth:`_bulk_warm`, each one property of the whole run
-        compared at once with what the previous walk recorded (:class:`_Run`); then the
-        run's staged tensors, copy destinations and layout tokens are reused as they
-        are. False, with nothing staged, when any check fails.
+        Applies to a run :meth:`_bulk_run` accepted (``ids``, ``addrs`` and ``nbytes``
+        are what it returned). The same checks as :meth:`_bulk_warm`, each one property
+        of the whole run compared at once with what the previous walk recorded
+        (:class:`_Run`); then the run's staged tensors, copy destinations and layout
+        tokens are reused as they are. False, with nothing staged, when any check fails.
         """
-        if (
-            self.tokens is None
-            or set(map(type, keys)) != _STR
-            or not set(map(type, values)) <= _WARM_CLASSES
-        ):
+        if self.tokens is None:
             return False
-        addrs = list(map(storage_address, values))
         run = self._last_runs.get(addrs[0])
         if run is None or run.addrs != addrs or run.keys != keys:
             return False
-        # distinct storages (the run's were, when recorded): distinct tensors
-        ids = list(map(id, values))
+        classes, dtypes, offsets, sizes, strides, grads, storage_sizes = run.checks
         if (
-            not self.memo.keys().isdisjoint(ids)
-            or not self.storages.keys().isdisjoint(addrs)
-            or not all(map(_PLAIN_CPU_KEYS.__eq__, map(_dispatch_keys, values)))
-            or any(map(_DICT_OF, values))
-        ):
-            return False
-        classes, dtypes, offsets, sizes, strides, grads, nbytes = run.checks
-        if (
-            tuple(map(type, values)) != classes
-            or tuple(map(_DTYPE_OF, values)) != dtypes
-            or tuple(map(torch.Tensor.storage_offset, values)) != offsets
-            or tuple(map(torch.Tensor.size, values)) != sizes
-            or tuple(map(torch.Tensor.stride, values)) != strides
-            or tuple(map(_REQUIRES_GRAD_OF, values)) != grads
-            or tuple(map(_STORAGE_NBYTES, map(torch.Tensor.untyped_storage, values))) != nbytes
+            list(map(type, values)) != classes
+            or list(map(_DTYPE_OF, values)) != dtypes
+            or list(map(torch.Tensor.storage_offset, values)) != offsets
+            or list(map(torch.Tensor.size, values)) != sizes
+            or list(map(torch.Tensor.stride, values)) != strides
+            or list(map(_REQUIRES_GRAD_OF, values)) != grads
+            or nbytes != storage_sizes
             # the previous walk's staged storages for these (by_source: the run's slots),
             # free for this one
             or not self.arena.reclaim_all(run.slots)
@@ -587,17 +586,21 @@ class _Walk:
         self.runs[addrs[0]] = run
         return True
 
-    def _bulk_warm(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+    def _bulk_warm(
+        self,
+        out: dict[Any, Any],
+        keys: list[Any],
+        values: list[Any],
+        ids: list[int],
+        addrs: list[int],
+        nbytes: list[int],
+    ) -> bool:
         """:meth:`_warm` of a run of dict items at once, all or nothing.
 
-        Applies to a run :meth:`_bulk_run` accepts where :meth:`_warm` applies to every
-        value. The same checks, as whole-list operations: False, with nothing staged,
-        when any one fails.
+        Applies to a run :meth:`_bulk_run` accepted (``ids``, ``addrs`` and ``nbytes``
+        are what it returned) where :meth:`_warm` applies to every value. The same
+        checks, as whole-list operations: False, with nothing staged, when any one fails.
         """
-        run = self._bulk_run(keys, values)
-        if run is None:
-            return False
-        ids, addrs, nbytes = run
         found = list(map(self.by_source.get, addrs))
         if None in found:
             return False
@@ -626,19 +629,24 @@ class _Walk:
         self._commit_run(out, keys, values, ids, addrs, slots, outs, dsts, warms)
         return True
 
-    def _bulk_cold(self, out: dict[Any, Any], keys: list[Any], values: list[Any]) -> bool:
+    def _bulk_cold(
+        self,
+        out: dict[Any, Any],
+        keys: list[Any],
+        values: list[Any],
+        ids: list[int],
+        addrs: list[int],
+        nbytes: list[int],
+    ) -> bool:
         """:meth:`_plain_tensor` of a run of dict items at once, in the arena's first save.
 
-        Applies to a run :meth:`_bulk_run` accepts whose tensors each cover their
+        Applies to a run :meth:`_bulk_run` accepted (``ids``, ``addrs`` and ``nbytes``
+        are what it returned) whose tensors each cover their
         storage exactly (offset 0, contiguous, as many bytes as the storage): each gets
         a new staged storage of its size, a staged tensor over it with its class, size,
         stride and ``requires_grad``, and the warm record :meth:`_warm` repeats next
         time. False, with nothing staged, when any check fails.
         """
-        run = self._bulk_run(keys, values)
-        if run is None:
-            return False
-        ids, addrs, nbytes = run
         if (
             any(map(torch.Tensor.storage_offset, values))
             or not all(map(torch.Tensor.is_contiguous, values))
@@ -707,7 +715,7 @@ class _Walk:
             toks = map(_TOKEN_OF, warms)
             tokens.extend(_flatten(_flatten(zip(zip(keys), toks, strict=True))))
             self.strings.extend(keys)
-            checks = tuple(zip(*map(_CHECK_OF, warms), strict=True))
+            checks = [list(check) for check in zip(*map(_CHECK_OF, warms), strict=True)]
             self.runs[addrs[0]] = _Run(
                 keys, addrs, slots, checks, outs, dsts, tokens[start:], firsts
             )
@@ -1184,7 +1192,7 @@ class _Run:
         addrs: their tensors' source storages (addresses, distinct).
         slots: the staged storage of each.
         by_address: ``addrs`` -> ``slots``.
-        checks: what the warm records check, one tuple per property over the run:
+        checks: what the warm records check, one list per property over the run:
             classes, dtypes, offsets, sizes, strides, ``requires_grad`` and storage sizes.
         outs: the staged tensors; dsts: their copies' destinations.
         tokens: the run's layout tokens (each key, then its tensor's).
@@ -1208,7 +1216,7 @@ class _Run:
         keys: list[str],
         addrs: list[int],
         slots: list[StagedStorage],
-        checks: tuple[tuple[Any, ...], ...],
+        checks: list[list[Any]],
         outs: list[torch.Tensor],
         dsts: list[torch.Tensor],
         tokens: list[Any],
@@ -1241,7 +1249,6 @@ _DTYPE_OF = operator.attrgetter("dtype")
 _REQUIRES_GRAD_OF = operator.attrgetter("requires_grad")
 _DICT_OF = operator.attrgetter("__dict__")
 _NBYTES_OF = operator.attrgetter("nbytes")
-_STORAGE_NBYTES = torch.UntypedStorage.nbytes
 
 
 def _plain_subclass(cls: type) -> bool:

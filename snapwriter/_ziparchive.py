@@ -111,10 +111,6 @@ def read_record(archive: bytes, name: str, prefix: str = "archive") -> bytes:
     raise KeyError(name)
 
 
-def _nbytes(data: Any) -> int:
-    return data.nbytes if isinstance(data, memoryview) else len(data)
-
-
 def fits(sizes: Iterable[tuple[str, int]], plan: ArchivePlan) -> bool:
     """Whether the archive of records of these (name, size) stays clear of zip64 header
     fields (every offset and size below 4 GiB - 1, with room for the headers and the
@@ -261,7 +257,8 @@ class ArchiveSkeleton:
 
 
 def write_archive(f: IO[bytes], records: Sequence[tuple[str, Any]], plan: ArchivePlan) -> int:
-    """Write ``records`` (name, bytes-like), in order, as torch's zip writer would.
+    """Write ``records`` (name, then ``bytes`` or a 1-D byte-format memoryview), in
+    order, as torch's zip writer would.
 
     ``f`` is a binary file positioned at the archive's start (empty). Returns the
     archive's size. Raises whatever ``f.write`` raises (``OSError`` with its errno);
@@ -271,4 +268,4 @@ def write_archive(f: IO[bytes], records: Sequence[tuple[str, Any]], plan: Archiv
     """
     names = [name for name, _ in records]
     buffers = [data for _, data in records]
-    return ArchiveSkeleton(names, list(map(_nbytes, buffers)), plan).write(f, buffers)
+    return ArchiveSkeleton(names, list(map(len, buffers)), plan).write(f, buffers)

@@ -195,35 +195,39 @@ def test_big_dicts_take_the_bulk_path(monkeypatch: pytest.MonkeyPatch) -> None:
     previous walk staged them, else checked tensor by tensor against their warm
     records), and that a run with a changed tensor falls back to the item-by-item path,
     byte for byte right."""
+    accepted = _calls(monkeypatch, "_bulk_run", lambda checked: checked is not None)
     repeats = _calls(monkeypatch, "_bulk_repeat", bool)
     warms = _calls(monkeypatch, "_bulk_warm", bool)
+
+    def paths() -> tuple[list[bool], list[bool], list[bool]]:
+        taken = (list(accepted), list(repeats), list(warms))
+        for calls in (accepted, repeats, warms):
+            calls.clear()
+        return taken
+
     stager = Stager()
     try:
         model = {f"layer{i}.weight": torch.full((2, 2), float(i)) for i in range(3 * BULK_ITEMS)}
         state = {"model": model, "iteration": 0}
         _staged_bytes(stager, state)
-        assert repeats == [False] * 3 and warms == []  # cold: nothing to repeat
-        repeats.clear()
+        assert paths() == ([True] * 3, [False] * 3, [])  # cold: nothing to repeat
         for t in model.values():
             t.add_(1)
         state["iteration"] = 1
         assert _staged_bytes(stager, state) == _torch_save(state)
-        assert repeats == [True] * 3 and warms == []
-        repeats.clear()
+        assert paths() == ([True] * 3, [True] * 3, [])
         model[f"layer{BULK_ITEMS + 5}.weight"].resize_(4)  # the second run
         model["layer3.weight"] = model["layer2.weight"]  # tied, in the first
         assert _staged_bytes(stager, state) == _torch_save(state)
-        assert repeats == [False, False, True] and warms == [False, False]
-        repeats.clear()
-        warms.clear()
+        # the tied pair fails the run's common checks: item by item; the resized
+        # tensor fails the repeat's and the warm path's checks
+        assert paths() == ([False, True, True], [False, True], [False])
         assert _staged_bytes(stager, state) == _torch_save(state)
         # the first run still holds the tied pair; the resized one, staged item by item
         # last time, is warm again, then repeated
-        assert repeats == [False, False, True] and warms == [False, True]
-        repeats.clear()
-        warms.clear()
+        assert paths() == ([False, True, True], [False, True], [True])
         assert _staged_bytes(stager, state) == _torch_save(state)
-        assert repeats == [False, True, True] and warms == [False]
+        assert paths() == ([False, True, True], [True, True], [])
     finally:
         stager.close()
 
